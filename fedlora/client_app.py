@@ -1,0 +1,58 @@
+"""The fedlora ClientApp: Flower glue around ``fedlora.node``."""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from . import node
+from .config import parse_run_config
+from .logs import setup_logging
+from .privacy import PrivacyLedger
+from .strategies import get_strategy
+from .strategies.base import FINGERPRINT_KEY, STRATEGY_KEY
+
+log = logging.getLogger("fedlora")
+app = ClientApp()
+
+LEDGER_RECORD = "fedlora.privacy"  # key of the privacy ledger in the node's persistent state
+
+
+def _runtime(msg: Message, context: Context) -> tuple[node.NodeRuntime, ConfigRecord]:
+    setup_logging()
+    run = parse_run_config(context.run_config)
+    config = msg.content["config"]
+    method = get_strategy(str(config[STRATEGY_KEY]))
+    rt = node.get_runtime(run, dict(context.node_config), tuple(config["label-names"]), method.train_lora_a)
+    node.check_fingerprint(rt, str(config[FINGERPRINT_KEY]))
+    return rt, config
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    rt, config = _runtime(msg, context)
+    ledger = None
+    if rt.run.dp.enabled:
+        record = context.state.config_records.get(LEDGER_RECORD)
+        ledger = PrivacyLedger.from_json(str(record["ledger"])) if record else node.plan_ledger(rt)
+    server_round = int(config["server-round"])
+    arrays, metrics = node.train_round(
+        rt, msg.content["arrays"], server_round, ledger,
+        progress_prefix=f"[node {context.node_id} round {server_round}] ",
+    )
+    if ledger is not None:
+        context.state[LEDGER_RECORD] = ConfigRecord({"ledger": ledger.to_json()})
+        metrics["noise-multiplier"] = ledger.noise_multiplier
+    return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    rt, _ = _runtime(msg, context)
+    metrics = node.evaluate_round(rt, msg.content["arrays"])
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+__all__ = ["app", "ArrayRecord"]

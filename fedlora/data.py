@@ -1,0 +1,330 @@
+"""Datasets: loading (local files, the hub, the synthetic fallback), label
+checks, partitioning with flwr-datasets, and tokenisation with a disk cache."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+import datasets
+import torch
+
+from . import synthetic
+from .config import ConfigError, DataConfig, PartitionConfig
+
+log = logging.getLogger("fedlora")
+
+DATA_EXTENSIONS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+# The default task on the hub: GLUE SST-2 (its text column is "sentence").
+SST2_HUB = ("nyu-mll/glue", "sst2")
+LABEL = "label"  # internal name of the integer label column
+HOLDOUT_SEED = 0  # a file without an eval split is split the same way on every node
+
+datasets.disable_progress_bars()
+
+
+@dataclass
+class Task:
+    train: datasets.Dataset | None
+    eval: datasets.Dataset
+    label_names: tuple[str, ...]
+    text_columns: tuple[str, ...]
+    source: str  # where the data came from, for logs and config.json
+    synthetic: bool = False
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+
+# -- locating and reading -----------------------------------------------------
+
+
+def _looks_like_path(name: str) -> bool:
+    return (
+        name.startswith(("/", "./", "../", "~"))
+        or os.path.splitext(name)[1] in DATA_EXTENSIONS
+        or os.path.exists(name)
+    )
+
+
+def _split_files(directory: str, split: str) -> list[str]:
+    files = []
+    for ext in DATA_EXTENSIONS:
+        files += glob.glob(os.path.join(directory, f"{split}*{ext}"))
+    return sorted(files)
+
+
+def _read_files(files: list[str], key: str, value: str) -> datasets.Dataset:
+    exts = {DATA_EXTENSIONS[os.path.splitext(f)[1]] for f in files}
+    if len(exts) != 1:
+        raise ConfigError(key, value, f"mixes file formats {sorted(exts)}; use one format per split")
+    for f in files:
+        if not os.access(f, os.R_OK):
+            raise ConfigError(key, value, f"file {f} is not readable")
+    try:
+        return datasets.load_dataset(exts.pop(), data_files=files, split="train")
+    except Exception as e:  # datasets raises many types for a bad file
+        raise ConfigError(key, value, f"cannot read {files}: {type(e).__name__}: {e}") from e
+
+
+def read_local(path: str, data: DataConfig, key: str = "dataset") -> dict[str, datasets.Dataset]:
+    """A data file (the train split) or a directory of ``<split>*.{jsonl,csv,parquet}``."""
+    path = os.path.expanduser(path)
+    if os.path.isfile(path):
+        if os.path.splitext(path)[1] not in DATA_EXTENSIONS:
+            raise ConfigError(key, path, f"unsupported file type; use one of {', '.join(DATA_EXTENSIONS)}")
+        return {"train": _read_files([path], key, path)}
+    if os.path.isdir(path):
+        out = {}
+        for name, split in (("train", data.train_split), ("eval", data.eval_split)):
+            files = _split_files(path, split)
+            if files:
+                out[name] = _read_files(files, key, path)
+        if not out:
+            raise ConfigError(
+                key, path, f"directory has no {data.train_split}*/{data.eval_split}* .jsonl/.csv/.parquet files"
+            )
+        return out
+    raise ConfigError(key, path, "no such file or directory")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick check before trying the hub for the *default* dataset: the
+    datasets library retries for ~30 s when offline."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", ""):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _read_hub(name: str, data: DataConfig) -> dict[str, datasets.Dataset]:
+    hub_id, _, subset = name.partition(":")
+    out = {}
+    try:
+        out["train"] = datasets.load_dataset(hub_id, subset or None, split=data.train_split)
+        out["eval"] = datasets.load_dataset(hub_id, subset or None, split=data.eval_split)
+    except Exception as e:
+        if "train" not in out:
+            raise ConfigError("dataset", name, f"cannot load from the Hugging Face hub: {type(e).__name__}: {e}") from e
+        log.warning("dataset %s has no split %r (%s); holding out 10%% of train", name, data.eval_split, e)
+    return out
+
+
+def _default_splits(data: DataConfig) -> tuple[dict[str, datasets.Dataset], str, bool]:
+    """SST-2: local data dir, then the hub, then the synthetic task."""
+    if data.data_dir:
+        local = os.path.join(os.path.expanduser(data.data_dir), "sst2")
+        if _split_files(local, data.train_split):
+            return read_local(local, data, key="data-dir"), f"local:{local}", False
+        log.warning("data-dir %s has no sst2/%s*.jsonl; trying the hub", data.data_dir, data.train_split)
+    if hub_reachable():
+        try:
+            splits = _read_hub(":".join(SST2_HUB), data)
+            splits = {k: v.rename_column("sentence", "text") for k, v in splits.items()}
+            return splits, f"hub:{'/'.join(SST2_HUB)}", False
+        except ConfigError as e:
+            log.warning("%s", e)
+    log.warning(
+        "!!! SST-2 not found locally (data-dir / FEDLORA_DATA_DIR) nor on the hub: "
+        "falling back to the BUILT-IN SYNTHETIC sentiment task. Results are not SST-2 results. !!!"
+    )
+    raw = synthetic.make_splits(seed=1234)
+    splits = {
+        "train": datasets.Dataset.from_list(raw["train"]),
+        "eval": datasets.Dataset.from_list(raw["validation"]),
+    }
+    splits = {k: v.cast_column(LABEL, datasets.ClassLabel(names=list(synthetic.LABEL_NAMES))) for k, v in splits.items()}
+    return splits, "synthetic", True
+
+
+def load_splits(data: DataConfig) -> tuple[dict[str, datasets.Dataset], str, bool]:
+    """Raw ``{"train", "eval"}`` splits, a source description, and whether the
+    synthetic fallback was used. A dataset named explicitly never falls back."""
+    if data.is_default:
+        splits, source, synth = _default_splits(data)
+    elif _looks_like_path(data.dataset):
+        splits, source, synth = read_local(data.dataset, data), f"local:{data.dataset}", False
+    else:
+        splits, source, synth = _read_hub(data.dataset, data), f"hub:{data.dataset}", False
+    if "train" not in splits:
+        raise ConfigError("dataset", data.dataset, f"has no '{data.train_split}' split")
+    if "eval" not in splits:
+        held = splits["train"].train_test_split(test_size=0.1, seed=HOLDOUT_SEED)
+        splits = {"train": held["train"], "eval": held["test"]}
+    return splits, source, synth
+
+
+# -- labels and columns --------------------------------------------------------
+
+
+def label_names_of(ds: datasets.Dataset, label_column: str) -> tuple[str, ...]:
+    """The label set, read from the training split."""
+    feature = ds.features.get(label_column)
+    if isinstance(feature, datasets.ClassLabel):
+        return tuple(feature.names)
+    values = set(ds[label_column])
+    if any(v is None for v in values):
+        raise ConfigError("label-column", label_column, "has missing (null) labels")
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer() for v in values):
+        ints = sorted(int(v) for v in values)
+        if ints[0] < 0:
+            raise ConfigError("label-column", label_column, f"integer labels must be >= 0, found {ints[0]}")
+        return tuple(str(i) for i in range(ints[-1] + 1))
+    if all(isinstance(v, str) for v in values):
+        # Documented handling: string labels map to ids in sorted order.
+        return tuple(sorted(values))
+    bad = next(v for v in values if not isinstance(v, (int, str)))
+    raise ConfigError("label-column", label_column, f"labels must be integers or strings, found {bad!r}")
+
+
+def normalise(
+    ds: datasets.Dataset, data: DataConfig, label_names: tuple[str, ...], where: str
+) -> datasets.Dataset:
+    """Keep the text columns and an integer ``label`` column; reject missing
+    columns and labels outside ``label_names``."""
+    for col in data.text_columns:
+        if col not in ds.column_names:
+            raise ConfigError("text-columns", ",".join(data.text_columns), f"column {col!r} not in {where} (columns: {ds.column_names})")
+    if data.label_column not in ds.column_names:
+        raise ConfigError("label-column", data.label_column, f"column not in {where} (columns: {ds.column_names})")
+    if len(ds) == 0:
+        raise ConfigError("dataset", data.dataset, f"{where} is empty")
+    ds = ds.select_columns(list(data.text_columns) + [data.label_column])
+    feature = ds.features[data.label_column]
+    if isinstance(feature, datasets.ClassLabel):
+        if tuple(feature.names) != label_names:
+            raise ConfigError("label-column", data.label_column, f"{where} has labels {feature.names}, expected {list(label_names)}")
+        ids = ds[data.label_column]
+    else:
+        index = {name: i for i, name in enumerate(label_names)}
+        ids = []
+        for v in ds[data.label_column]:
+            key = str(int(v)) if isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer() else v
+            if not isinstance(key, str) or key not in index:
+                raise ConfigError("label-column", data.label_column, f"label {v!r} in {where} is outside the label set {list(label_names)}")
+            ids.append(index[key])
+    if data.label_column in ds.column_names:
+        ds = ds.remove_columns(data.label_column)
+    for col in data.text_columns:
+        if ds.features[col].dtype != "string":
+            ds = ds.cast_column(col, datasets.Value("string"))
+    return ds.add_column(LABEL, ids)
+
+
+def load_task(data: DataConfig, *, label_names: tuple[str, ...] | None = None) -> Task:
+    """Load, validate and normalise the run's dataset (both splits)."""
+    splits, source, synth = load_splits(data)
+    if synth:
+        data = DataConfig(**{**data.__dict__, "text_columns": ("text",), "label_column": LABEL})
+    names = label_names or label_names_of(splits["train"], data.label_column)
+    train = normalise(splits["train"], data, names, f"the {data.train_split} split of {source}")
+    evals = normalise(splits["eval"], data, names, f"the {data.eval_split} split of {source}")
+    return Task(train, evals, names, data.text_columns, source, synth)
+
+
+def load_node_data(path: str, data: DataConfig, label_names: tuple[str, ...]) -> datasets.Dataset:
+    """A deployed node's private data (node config ``data-path``), used whole."""
+    splits = read_local(path, data, key="node-config data-path")
+    if "train" not in splits:
+        raise ConfigError("node-config data-path", path, f"has no {data.train_split}* files")
+    return normalise(splits["train"], data, label_names, f"node data {path}")
+
+
+# -- partitioning ----------------------------------------------------------------
+
+
+def partition(ds: datasets.Dataset, cfg: PartitionConfig, partition_id: int, num_partitions: int, seed: int) -> datasets.Dataset:
+    """This node's share of the training split, by a flwr-datasets partitioner."""
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+
+    if not 0 <= partition_id < num_partitions:
+        raise ConfigError("partition-id", partition_id, f"must be in [0, {num_partitions})")
+    if cfg.method == "iid":
+        p = IidPartitioner(num_partitions=num_partitions)
+    elif cfg.method == "dirichlet":
+        p = DirichletPartitioner(
+            num_partitions=num_partitions, partition_by=LABEL, alpha=cfg.alpha,
+            min_partition_size=1, self_balancing=False, seed=seed,
+        )
+    else:
+        p = PathologicalPartitioner(
+            num_partitions=num_partitions, partition_by=LABEL,
+            num_classes_per_partition=cfg.classes_per_client, class_assignment_mode="deterministic", seed=seed,
+        )
+    p.dataset = ds
+    part = p.load_partition(partition_id)
+    if len(part) == 0:
+        raise ConfigError("partition.method", cfg.method, f"partition {partition_id} of {num_partitions} is empty")
+    return part
+
+
+# -- tokenisation ------------------------------------------------------------------
+
+
+@dataclass
+class Encoded:
+    """A tokenised split held as tensors, padded to max-length; ``batch``
+    trims each batch to its longest sequence."""
+
+    tensors: dict[str, torch.Tensor]  # input_ids, attention_mask[, token_type_ids], labels
+
+    def __len__(self) -> int:
+        return int(self.tensors["labels"].shape[0])
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.tensors["labels"]
+
+    def batch(self, idx: torch.Tensor | list[int]) -> dict[str, torch.Tensor]:
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        mask = self.tensors["attention_mask"][idx]
+        width = max(int(mask.sum(1).max()), 1) if len(idx) else 1
+        return {k: (v[idx][:, :width] if v.dim() == 2 else v[idx]) for k, v in self.tensors.items()}
+
+
+def _encode(ds: datasets.Dataset, tokenizer, text_columns: tuple[str, ...], max_length: int) -> Encoded:
+    texts = [ds[c] for c in text_columns]
+    enc = tokenizer(*texts, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
+    tensors = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+    tensors["labels"] = torch.tensor(ds[LABEL], dtype=torch.long)
+    return Encoded(tensors)
+
+
+def encode(ds: datasets.Dataset, tokenizer, text_columns, max_length: int, cache_key: str | None = None, cache_dir: str | None = None) -> Encoded:
+    """Tokenise ``ds``; with a ``cache_key`` the tensors are kept on disk so a
+    node that starts a fresh process per message does not tokenise again."""
+    if not (cache_key and cache_dir):
+        return _encode(ds, tokenizer, text_columns, max_length)
+    digest = hashlib.sha256(
+        f"{cache_key}|{getattr(tokenizer, 'name_or_path', '')}|{len(tokenizer)}|{text_columns}|{max_length}|{len(ds)}".encode()
+    ).hexdigest()[:24]
+    path = os.path.join(cache_dir, "tokens", f"{digest}.pt")
+    if os.path.exists(path):
+        try:
+            return Encoded(torch.load(path, weights_only=True))
+        except Exception as e:  # a torn or stale file: re-tokenise
+            log.warning("ignoring unreadable token cache %s (%s)", path, e)
+    out = _encode(ds, tokenizer, text_columns, max_length)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    torch.save(out.tensors, tmp)
+    os.replace(tmp, path)  # atomic: concurrent nodes never see half a file
+    return out
+
+
+def file_signature(source: str) -> str:
+    """What identifies the data behind ``source`` for the token cache."""
+    kind, _, where = source.partition(":")
+    if kind != "local":
+        return source
+    where = os.path.expanduser(where)
+    files = [where] if os.path.isfile(where) else sorted(glob.glob(os.path.join(where, "*")))
+    return source + "|" + "|".join(f"{f}:{os.path.getsize(f)}:{int(os.path.getmtime(f))}" for f in files if os.path.isfile(f))

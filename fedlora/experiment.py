@@ -1,0 +1,177 @@
+"""The server side of a run, without Flower's grid: start-up validation, the
+global model, centralised evaluation, and the run's outputs.
+
+``<output-dir>/<run-name>/`` gets ``config.json`` (the resolved config),
+``metrics.jsonl`` (one object per round; round 0 is the initial model) and
+``adapter/`` (the final global adapter in PEFT format).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from importlib import metadata
+from typing import Any
+
+from flwr.app import ArrayRecord, MetricRecord
+
+from . import data as data_mod
+from . import wire
+from .config import ConfigError, RunConfig
+from .model import build_model, count_parameters, load_tokenizer, resolve_model
+from .strategies import FedLoraStrategy, get_strategy
+from .training import evaluate
+
+log = logging.getLogger("fedlora")
+
+SYNTHETIC_BANNER = (
+    "!!! This run used the BUILT-IN SYNTHETIC task, not SST-2: no local copy "
+    "(data-dir / FEDLORA_DATA_DIR) and no hub access. Point data-dir at a folder "
+    "with sst2/train*.jsonl to use the real data. !!!"
+)
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("flwr", "torch", "transformers", "peft", "opacus", "datasets", "flwr-datasets"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _unique_dir(parent: str, name: str) -> str:
+    path, i = os.path.join(parent, name), 2
+    while os.path.exists(path):
+        path, i = os.path.join(parent, f"{name}-{i}"), i + 1
+    return path
+
+
+class Experiment:
+    """Everything the ServerApp does besides talking to nodes."""
+
+    def __init__(self, run: RunConfig, run_id: int | None = None) -> None:
+        self.run = run
+        self.method = get_strategy(run.strategy)
+        # Load and check everything a run needs before any node trains.
+        self.task = data_mod.load_task(run.data)
+        if self.task.num_labels < 2:
+            raise ConfigError("label-column", run.data.label_column, f"needs at least two classes, found {list(self.task.label_names)}")
+        if run.partition.method == "pathological" and run.partition.classes_per_client > self.task.num_labels:
+            raise ConfigError("partition.classes-per-client", run.partition.classes_per_client, f"exceeds the {self.task.num_labels} classes")
+        self.partition_sizes = [
+            len(data_mod.partition(self.task.train, run.partition, i, run.partition.num_partitions, run.seed))
+            for i in range(run.partition.num_partitions)
+        ]
+        self.model = build_model(run, self.task.num_labels, self.method.train_lora_a)
+        tokenizer = load_tokenizer(run.model)
+        self.eval_data = data_mod.encode(self.task.eval, tokenizer, self.task.text_columns, run.data.max_length)
+        self.initial_arrays = wire.to_arrays(self.model)
+        self.fingerprint = wire.fingerprint(self.model)
+        self.final_arrays = self.initial_arrays
+        self.round_started = time.perf_counter()
+        self.strategy: FedLoraStrategy | None = None
+
+        name = run.run_name or "-".join([
+            run.strategy, f"eps{run.dp.epsilon:g}" if run.dp.enabled else "nodp",
+            run.partition.method, time.strftime("%Y%m%d-%H%M%S"),
+        ])
+        self.dir = _unique_dir(os.path.abspath(os.path.expanduser(run.output_dir)), name)
+        os.makedirs(self.dir)
+        self.metrics_path = os.path.join(self.dir, "metrics.jsonl")
+        trainable, total = count_parameters(self.model)
+        self._write_json("config.json", {
+            "run-config": run.raw,
+            "resolved": run.to_dict(),
+            "run-id": run_id,
+            "data": {
+                "source": self.task.source, "synthetic": self.task.synthetic,
+                "label-names": list(self.task.label_names), "text-columns": list(self.task.text_columns),
+                "train-examples": len(self.task.train), "eval-examples": len(self.task.eval),
+                "partition-sizes": self.partition_sizes,
+            },
+            "model": {"path": resolve_model(run.model), "trainable-parameters": trainable, "parameters": total},
+            "payload": {"tensors": sorted(self.initial_arrays.keys()), "bytes": wire.nbytes(self.initial_arrays)},
+            "shared-fingerprint": self.fingerprint,
+            "versions": _versions(),
+        })
+        if self.task.synthetic:
+            log.warning(SYNTHETIC_BANNER)
+        log.info(
+            "run %s: %s on %s (%s), %d labels, partitions %s, payload %d tensors / %d bytes, output %s",
+            name, run.strategy, self.task.source, run.data.dataset, self.task.num_labels,
+            self.partition_sizes, len(self.initial_arrays), wire.nbytes(self.initial_arrays), self.dir,
+        )
+
+    def _write_json(self, name: str, obj: Any) -> None:
+        with open(os.path.join(self.dir, name), "w") as f:
+            json.dump(obj, f, indent=2, default=str)
+
+    def client_config(self) -> dict[str, Any]:
+        """Sent with every message: what a node needs that its own run config cannot tell it."""
+        return {"label-names": list(self.task.label_names)}
+
+    def make_strategy(self) -> FedLoraStrategy:
+        run = self.run
+        self.strategy = self.method(
+            payload_keys=self.initial_arrays.keys(),
+            fingerprint=self.fingerprint,
+            extra_config=self.client_config(),
+            fraction_train=run.fraction_train,
+            fraction_evaluate=run.fraction_evaluate,
+            min_train_nodes=min(run.min_train_nodes, run.partition.num_partitions),
+            min_evaluate_nodes=min(run.min_train_nodes, run.partition.num_partitions) if run.fraction_evaluate > 0 else 0,
+            min_available_nodes=run.partition.num_partitions,
+        )
+        return self.strategy
+
+    def evaluate_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        """Centralised evaluation of the global adapter; writes the round's metrics line."""
+        wire.load_arrays(self.model, arrays)
+        self.final_arrays = arrays
+        loss, acc = evaluate(self.model, self.eval_data, self.run.train.eval_batch_size)
+        stats = self.strategy.rounds.get(server_round) if self.strategy else None
+        now = time.perf_counter()
+        row: dict[str, Any] = {
+            "round": server_round, "strategy": self.run.strategy, "accuracy": acc, "loss": loss,
+            "epsilon": stats.epsilon if stats else 0.0,
+            "bytes_up": stats.bytes_up if stats else 0, "bytes_down": stats.bytes_down if stats else 0,
+            "seconds": (now - stats.started) if stats else 0.0,
+        }
+        if stats:
+            cm = list(stats.client_metrics.values())
+            total = sum(float(m["num-examples"]) for m in cm) or 1.0
+            row.update({
+                "clients": stats.replies, "sampled": stats.sampled, "failures": len(stats.failures),
+                "failure_reasons": stats.failures,
+                "train_loss": sum(float(m["train-loss"]) * float(m["num-examples"]) for m in cm) / total if cm else None,
+                "train_seconds_max": max((float(m["train-seconds"]) for m in cm), default=0.0),
+                "client_seconds_max": max((float(m["client-seconds"]) for m in cm), default=0.0),
+            })
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        eps = f"eps {row['epsilon']:.3f}/{self.run.dp.epsilon:g}" if self.run.dp.enabled else "non-private"
+        if stats:
+            log.info(
+                "round %d/%d | %s | acc %.4f loss %.4f | %s | up %.1f KB down %.1f KB | %d/%d clients%s | %.1fs",
+                server_round, self.run.num_server_rounds, self.run.strategy, acc, loss, eps,
+                row["bytes_up"] / 1024, row["bytes_down"] / 1024, stats.replies, stats.sampled,
+                f" ({len(stats.failures)} failed)" if stats.failures else "", row["seconds"],
+            )
+        else:
+            log.info("round 0 (initial model) | acc %.4f loss %.4f", acc, loss)
+        return MetricRecord({"accuracy": acc, "loss": loss})
+
+    def finish(self) -> str:
+        """Save the final global adapter in PEFT format; return its path."""
+        wire.load_arrays(self.model, self.final_arrays)
+        path = os.path.join(self.dir, "adapter")
+        self.model.save_pretrained(path)
+        if self.task.synthetic:
+            log.warning(SYNTHETIC_BANNER)
+        log.info("run finished: outputs in %s", self.dir)
+        return path

@@ -1,0 +1,198 @@
+"""A client node's work, without Flower: build (once) and train/evaluate.
+
+``NodeRuntime`` holds what a node keeps across rounds: the model (built once),
+its tokenised data, and the DP wrapper. In simulation a node's ClientApp calls
+run in one long-lived process, so runtimes are cached in memory; in
+deployment a ClientApp process may start per message, so tokenised data is
+also cached on the node's disk (``cache-dir``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord
+from torch import nn
+
+from . import data as data_mod
+from . import privacy, training, wire
+from .config import ConfigError, RunConfig, cache_dir
+from .model import build_model, load_tokenizer
+
+log = logging.getLogger("fedlora")
+
+
+class FingerprintMismatch(RuntimeError):
+    """This node's shared frozen tensors (e.g. FFA-LoRA's A) are not the run's."""
+
+
+def round_generator(seed: int, server_round: int, stream: int, purpose: int) -> torch.Generator:
+    """Randomness for one (round, node, purpose), independent of history."""
+    digest = hashlib.sha256(f"{seed}/{server_round}/{stream}/{purpose}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+@dataclass
+class NodeRuntime:
+    run: RunConfig
+    model: nn.Module
+    train_data: data_mod.Encoded
+    eval_data: data_mod.Encoded | None
+    stream: int  # partition id, or a hash of the node's data path: seeds this node's randomness
+    private: bool  # node brings its own data (deployment): DP noise is not seeded
+    dp_model: nn.Module | None = None
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.train_data)
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+
+# One Ray actor (or one process) serves many nodes in turn, so caches are per
+# process: the model is shared by every node of a run (each round first loads
+# the global payload into it, and the rest is the same shared init), the
+# tokenised data is per node. Bounded so a long grid of runs does not grow.
+_MODELS: dict[str, tuple[nn.Module, nn.Module | None]] = {}
+_NODE_DATA: dict[str, tuple] = {}
+_MAX_NODES_PER_PROCESS = 64
+
+
+def _model_key(run: RunConfig, label_names: tuple[str, ...], train_lora_a: bool) -> str:
+    blob = repr((run.model, run.lora, run.seed, run.train_head, run.dp.enabled, label_names, train_lora_a))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _data_key(run: RunConfig, node_config: dict, label_names: tuple[str, ...]) -> str:
+    blob = repr((run.data, run.partition, run.seed, run.model, run.fraction_evaluate, run.train.local_eval_fraction, sorted(node_config.items()), label_names))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def node_dataset(run: RunConfig, node_config: dict, label_names: tuple[str, ...]):
+    """(dataset, text columns, cache key, stream id, brings-own-data) for this node."""
+    if "data-path" in node_config:
+        path = str(node_config["data-path"])
+        ds = data_mod.load_node_data(path, run.data, label_names)
+        key = data_mod.file_signature(f"local:{path}")
+        return ds, run.data.text_columns, key, int(hashlib.sha256(path.encode()).hexdigest()[:7], 16), True
+    if "partition-id" not in node_config:
+        raise ConfigError("node-config", dict(node_config), "needs 'data-path' (deployment) or 'partition-id' (simulation)")
+    pid = int(node_config["partition-id"])
+    num = int(node_config.get("num-partitions", run.partition.num_partitions))
+    task = _load_task_cached(run, label_names)
+    ds = data_mod.partition(task.train, run.partition, pid, num, run.seed)
+    p = run.partition
+    key = f"{data_mod.file_signature(task.source)}|{p.method}|{p.alpha}|{p.classes_per_client}|{pid}/{num}|{run.seed}"
+    return ds, task.text_columns, key, pid, False
+
+
+_TASKS: dict[str, data_mod.Task] = {}
+
+
+def _load_task_cached(run: RunConfig, label_names: tuple[str, ...]) -> data_mod.Task:
+    key = repr((run.data, label_names))
+    if key not in _TASKS:
+        _TASKS[key] = data_mod.load_task(run.data, label_names=label_names)
+    return _TASKS[key]
+
+
+def get_runtime(run: RunConfig, node_config: dict, label_names: tuple[str, ...], train_lora_a: bool) -> NodeRuntime:
+    """This node's runtime: built on first use in this process, then reused."""
+    start = time.perf_counter()
+    dkey = _data_key(run, node_config, label_names)
+    if dkey not in _NODE_DATA:
+        if len(_NODE_DATA) >= _MAX_NODES_PER_PROCESS:
+            _NODE_DATA.pop(next(iter(_NODE_DATA)))
+        _NODE_DATA[dkey] = _build_node_data(run, node_config, label_names)
+    train_enc, eval_enc, stream, private = _NODE_DATA[dkey]
+    mkey = _model_key(run, label_names, train_lora_a)
+    if mkey not in _MODELS:
+        _MODELS.clear()  # a new run in this process: release the previous run's model
+        model = build_model(run, num_labels=len(label_names), train_lora_a=train_lora_a)
+        _MODELS[mkey] = (model, privacy.wrap_model(model) if run.dp.enabled else None)
+    model, dp_model = _MODELS[mkey]
+    if (elapsed := time.perf_counter() - start) > 0.5:
+        log.info("node %s ready in %.1fs: %d train examples", stream, elapsed, len(train_enc))
+    return NodeRuntime(run, model, train_enc, eval_enc, stream, private, dp_model)
+
+
+def _build_node_data(run: RunConfig, node_config: dict, label_names: tuple[str, ...]):
+    ds, text_columns, cache_key, stream, private = node_dataset(run, node_config, label_names)
+    eval_ds = None
+    if run.fraction_evaluate > 0:
+        split = ds.train_test_split(test_size=run.train.local_eval_fraction, seed=run.seed)
+        ds, eval_ds = split["train"], split["test"]
+        cache_key += f"|holdout{run.train.local_eval_fraction}"
+    tok = load_tokenizer(run.model)
+    cdir = cache_dir(run)
+    train_enc = data_mod.encode(ds, tok, text_columns, run.data.max_length, cache_key + "|train", cdir)
+    eval_enc = data_mod.encode(eval_ds, tok, text_columns, run.data.max_length, cache_key + "|eval", cdir) if eval_ds is not None else None
+    return train_enc, eval_enc, stream, private
+
+
+def check_fingerprint(rt: NodeRuntime, expected: str) -> None:
+    mine = wire.fingerprint(rt.model)
+    if mine != expected:
+        raise FingerprintMismatch(
+            f"this node's shared frozen tensors (LoRA A / frozen head) have fingerprint {mine[:16]}…, "
+            f"the run's are {expected[:16]}…: refusing to train. Check that every node runs the same "
+            "seed, model, lora.* settings and library versions."
+        )
+
+
+def train_round(rt: NodeRuntime, arrays: ArrayRecord, server_round: int, ledger: privacy.PrivacyLedger | None, progress_prefix: str = "") -> tuple[ArrayRecord, dict[str, Any]]:
+    """Load the global payload, train ``local-steps`` steps, return the new payload and metrics.
+
+    With DP, ``ledger`` is checked before and updated after (in place)."""
+    t0 = time.perf_counter()
+    wire.load_arrays(rt.model, arrays)
+    cfg, run = rt.run.train, rt.run
+    opt = training.make_optimizer(rt.trainable(), cfg)
+    sample_gen = round_generator(run.seed, server_round, rt.stream, 0)
+
+    def progress(step: int, total: int, loss: float) -> None:
+        log.info("%sstep %d/%d loss %.4f", progress_prefix, step, total, loss)
+
+    if run.dp.enabled:
+        assert ledger is not None and rt.dp_model is not None
+        ledger.check(cfg.local_steps)
+        noise_gen = None if rt.private else round_generator(run.seed, server_round, rt.stream, 1)
+        expected = max(1, round(ledger.sample_rate * rt.num_examples))
+        dp_opt = privacy.dp_optimizer(opt, ledger, run.dp.max_grad_norm, expected, noise_gen)
+        batches = privacy.poisson_batches(rt.num_examples, ledger.sample_rate, cfg.local_steps, sample_gen)
+        result = training.train(rt.dp_model, rt.train_data, batches, dp_opt, cfg.local_steps, progress)
+        # Every drawn step counts, empty batches included: the accountant assumes them.
+        ledger.record(cfg.local_steps)
+        epsilon = ledger.epsilon()
+    else:
+        batches = training.shuffled_batches(rt.num_examples, cfg.batch_size, cfg.local_steps, sample_gen)
+        result = training.train(rt.model, rt.train_data, batches, opt, cfg.local_steps, progress)
+        epsilon = 0.0
+    metrics = {
+        "num-examples": rt.num_examples,
+        "train-loss": result.loss,
+        "epsilon": epsilon,
+        "steps": result.steps,
+        "train-seconds": result.seconds,
+        "client-seconds": time.perf_counter() - t0,
+    }
+    return wire.to_arrays(rt.model), metrics
+
+
+def evaluate_round(rt: NodeRuntime, arrays: ArrayRecord) -> dict[str, Any]:
+    if rt.eval_data is None:
+        raise ConfigError("local-eval-fraction", rt.run.train.local_eval_fraction, "this node has no local evaluation split")
+    wire.load_arrays(rt.model, arrays)
+    loss, acc = training.evaluate(rt.model, rt.eval_data, rt.run.train.eval_batch_size)
+    return {"num-examples": len(rt.eval_data), "loss": loss, "accuracy": acc}
+
+
+def plan_ledger(rt: NodeRuntime) -> privacy.PrivacyLedger:
+    run = rt.run
+    return privacy.PrivacyLedger.plan(run.dp, rt.num_examples, run.train.batch_size, run.num_server_rounds * run.train.local_steps)

@@ -1,0 +1,135 @@
+"""Sample-level differential privacy for a node: DP-SGD with Opacus.
+
+``PrivacyLedger`` is the node's budget: the target (epsilon, delta), the noise
+multiplier calibrated once for the whole run, and the accountant's history of
+(noise multiplier, sample rate, steps) — the exact state Opacus' RDP
+accountant keeps, so it can be stored in the node's persistent state and the
+epsilon recomputed by anyone. ``dp_components`` wraps a model and optimizer for
+DP-SGD with Poisson sampling.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import DPConfig
+
+ACCOUNTANT = "rdp"
+# get_noise_multiplier searches sigma until epsilon is within this of the target, from below.
+EPSILON_TOLERANCE = 0.01
+
+
+class BudgetExhausted(RuntimeError):
+    """Training this round would spend more than the node's privacy budget."""
+
+
+def calibrate_noise(dp: DPConfig, sample_rate: float, total_steps: int) -> float:
+    """Noise multiplier such that ``total_steps`` Poisson-sampled steps at
+    ``sample_rate`` cost at most (dp.epsilon, dp.delta)."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    return float(
+        get_noise_multiplier(
+            target_epsilon=dp.epsilon, target_delta=dp.delta, sample_rate=sample_rate,
+            steps=total_steps, accountant=ACCOUNTANT, epsilon_tolerance=EPSILON_TOLERANCE,
+        )
+    )
+
+
+def epsilon_of(history: list[tuple[float, float, int]], delta: float) -> float:
+    """Epsilon of a mechanism history, by Opacus' RDP accountant."""
+    from opacus.accountants import RDPAccountant
+
+    if not history:
+        return 0.0
+    acc = RDPAccountant()
+    acc.history = [tuple(h) for h in history]
+    return float(acc.get_epsilon(delta=delta))
+
+
+@dataclass
+class PrivacyLedger:
+    target_epsilon: float
+    delta: float
+    noise_multiplier: float
+    sample_rate: float
+    planned_steps: int
+    history: list[tuple[float, float, int]] = field(default_factory=list)
+
+    @classmethod
+    def plan(cls, dp: DPConfig, num_examples: int, batch_size: int, planned_steps: int) -> "PrivacyLedger":
+        """Calibrate once for the whole run: every local step of every round."""
+        sample_rate = min(1.0, batch_size / num_examples)
+        sigma = calibrate_noise(dp, sample_rate, planned_steps)
+        return cls(dp.epsilon, dp.delta, sigma, sample_rate, planned_steps)
+
+    @property
+    def steps_spent(self) -> int:
+        return sum(int(h[2]) for h in self.history)
+
+    def epsilon(self) -> float:
+        return epsilon_of(self.history, self.delta)
+
+    def epsilon_after(self, steps: int) -> float:
+        return epsilon_of(self.history + [(self.noise_multiplier, self.sample_rate, steps)], self.delta)
+
+    def check(self, steps: int) -> float:
+        """Raise unless ``steps`` more steps stay within the budget; return the epsilon they would reach."""
+        after = self.epsilon_after(steps)
+        if after > self.target_epsilon * (1 + 1e-9):
+            raise BudgetExhausted(
+                f"privacy budget exhausted: {self.steps_spent} steps spent (epsilon {self.epsilon():.3f}); "
+                f"{steps} more would reach epsilon {after:.3f} > target {self.target_epsilon} (delta {self.delta})"
+            )
+        return after
+
+    def record(self, steps: int) -> None:
+        if steps <= 0:
+            return
+        last = self.history[-1] if self.history else None
+        if last and last[0] == self.noise_multiplier and last[1] == self.sample_rate:
+            self.history[-1] = (last[0], last[1], int(last[2]) + steps)
+        else:
+            self.history.append((self.noise_multiplier, self.sample_rate, steps))
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__)
+
+    @classmethod
+    def from_json(cls, text: str) -> "PrivacyLedger":
+        d = json.loads(text)
+        d["history"] = [tuple(h) for h in d["history"]]
+        return cls(**d)
+
+
+def wrap_model(model: nn.Module) -> nn.Module:
+    """Per-sample gradients for the trainable parameters (Opacus hooks mode)."""
+    from opacus import GradSampleModule
+
+    model.train()  # Opacus requires train mode when wrapping
+    return GradSampleModule(model, batch_first=True, loss_reduction="mean")
+
+
+def dp_optimizer(optimizer: torch.optim.Optimizer, ledger: PrivacyLedger, max_grad_norm: float, expected_batch_size: int, generator: torch.Generator | None):
+    """Clip each sample's gradient to ``max_grad_norm`` and add Gaussian noise.
+
+    A seeded ``generator`` makes research runs reproducible; ``None`` draws
+    noise from torch's default generator (use it for deployments)."""
+    from opacus.optimizers import DPOptimizer
+
+    return DPOptimizer(
+        optimizer, noise_multiplier=ledger.noise_multiplier, max_grad_norm=max_grad_norm,
+        expected_batch_size=expected_batch_size, loss_reduction="mean", generator=generator,
+    )
+
+
+def poisson_batches(num_examples: int, sample_rate: float, steps: int, generator: torch.Generator):
+    """``steps`` batches, each example included independently with ``sample_rate``
+    (the sampling the RDP accountant assumes)."""
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    return iter(UniformWithReplacementSampler(num_samples=num_examples, sample_rate=sample_rate, generator=generator, steps=steps))

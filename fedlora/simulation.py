@@ -1,0 +1,83 @@
+"""Run the app as an in-process Flower simulation with a run config.
+
+``flwr run .`` is the way to run the app; this is for tests, benchmarks and
+scripts that need many runs from Python. Flower's public
+``flwr.simulation.run_simulation`` passes an empty run config, so this uses
+its internal entry point, which takes one (pinned to the flwr minor version in
+pyproject). The app directory handed to Flower is a temporary one whose
+``pyproject.toml`` holds ``config.DEFAULTS`` plus the overrides.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .config import DEFAULTS, parse_run_config
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return json.dumps(str(v))  # a JSON string is a valid TOML basic string
+
+
+def write_app_dir(overrides: dict[str, Any], directory: str) -> dict[str, Any]:
+    config = {**DEFAULTS, **overrides}
+    parse_run_config(config)  # fail here, with the key named, not inside Ray
+    lines = [
+        "[project]", 'name = "fedlora-sim"', 'version = "0.0.0"', "",
+        "[tool.flwr.app]", 'publisher = "fedlora"', "",
+        "[tool.flwr.app.components]", 'serverapp = "fedlora.server_app:app"', 'clientapp = "fedlora.client_app:app"', "",
+        "[tool.flwr.app.config]",
+    ] + [f'"{k}" = {_toml_value(v)}' for k, v in config.items()]
+    Path(directory, "pyproject.toml").write_text("\n".join(lines) + "\n")
+    return config
+
+
+def simulate(overrides: dict[str, Any] | None = None, num_supernodes: int | None = None, cpus_per_client: int = 2) -> None:
+    """Run one simulation in this process; raises what the ServerApp raises."""
+    from flwr.app import Context, RecordDict
+    from flwr.common.config import get_fused_config_from_dir
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.supercore.telemetry import EventType
+
+    from .client_app import app as client_app
+    from .server_app import app as server_app
+
+    overrides = dict(overrides or {})
+    num_supernodes = num_supernodes or int(overrides.get("num-partitions", DEFAULTS["num-partitions"]))
+    overrides["num-partitions"] = num_supernodes
+    os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    with tempfile.TemporaryDirectory(prefix="fedlora-app-") as app_dir:
+        write_app_dir(overrides, app_dir)
+        run_id = int.from_bytes(os.urandom(6), "little")
+        run = Run.create_empty(run_id=run_id)
+        run.primary_task_id = run_id + 1
+        run.federation_id = NOOP_FEDERATION_ID
+        run.override_config = {}
+        run.fab_id, run.fab_version = "fedlora/fedlora", "0.0.0"
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
+        server_context = Context(
+            run_id=run_id, node_id=0, node_config={}, state=RecordDict(),
+            run_config=get_fused_config_from_dir(Path(app_dir), {}),
+        )
+        cpus = os.cpu_count() or 1
+        backend = {
+            "client_resources": {"num_cpus": min(cpus_per_client, cpus), "num_gpus": 0.0},
+            "init_args": {"num_cpus": cpus, "log_to_driver": True},
+        }
+        _run_simulation(
+            num_supernodes=num_supernodes, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+            client_app=client_app, server_app=server_app, backend_config=backend,
+            server_app_context=server_context, app_dir=app_dir, run=run, is_app=True,
+        )

@@ -1,0 +1,133 @@
+"""The federated LoRA strategy base: FedAvg over exactly the payload a method
+sends, with byte counting, a shared-init fingerprint, and per-round stats."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from .. import wire
+
+log = logging.getLogger("fedlora")
+
+# Config keys the server sends with every train/evaluate message.
+FINGERPRINT_KEY = "shared-fingerprint"
+STRATEGY_KEY = "strategy"
+
+
+@dataclass
+class RoundStats:
+    """What one round moved and reported, for metrics.jsonl."""
+
+    started: float = field(default_factory=time.perf_counter)
+    bytes_down: int = 0
+    bytes_up: int = 0
+    sampled: int = 0
+    replies: int = 0
+    failures: list[str] = field(default_factory=list)
+    epsilon: float = 0.0  # max over the replying clients
+    client_metrics: dict[int, dict] = field(default_factory=dict)
+
+
+def aggregate_train_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Example-weighted means, except privacy spent: the max over clients."""
+    total = sum(float(next(iter(r.metric_records.values()))[weight_key]) for r in records)
+    out: dict[str, float] = {}
+    for r in records:
+        m = next(iter(r.metric_records.values()))
+        w = float(m[weight_key]) / total
+        for k, v in m.items():
+            if k == weight_key or isinstance(v, list):
+                continue
+            if k == "epsilon":
+                out[k] = max(out.get(k, 0.0), float(v))
+            else:
+                out[k] = out.get(k, 0.0) + w * float(v)
+    out[weight_key] = total
+    return MetricRecord(out)
+
+
+class FedLoraStrategy(FedAvg):
+    """FedAvg restricted to a method's payload.
+
+    Subclasses set ``name`` and ``train_lora_a`` (whether LoRA A is trained
+    and therefore sent). The payload keys are fixed at start: a reply with
+    other keys is refused by name, which is how FFA-LoRA guarantees that no
+    A tensor is ever aggregated.
+    """
+
+    name = ""
+    train_lora_a = True
+    exact_aggregation = False  # mean of the factors == mean of the products?
+
+    def __init__(self, *, payload_keys: Iterable[str], fingerprint: str, extra_config: dict | None = None, **kwargs) -> None:
+        kwargs.setdefault("train_metrics_aggr_fn", aggregate_train_metrics)
+        super().__init__(**kwargs)
+        self.payload_keys = frozenset(payload_keys)
+        self.fingerprint = fingerprint
+        self.extra_config = dict(extra_config or {})
+        self.rounds: dict[int, RoundStats] = {}
+
+    def summary(self) -> None:
+        super().summary()
+        log.info("\t└──> fedlora: %s, %d tensors per payload, exact aggregation: %s",
+                 self.name, len(self.payload_keys), self.exact_aggregation)
+
+    def _with_run_config(self, config: ConfigRecord) -> ConfigRecord:
+        config[STRATEGY_KEY] = self.name
+        config[FINGERPRINT_KEY] = self.fingerprint
+        for k, v in self.extra_config.items():
+            config[k] = v
+        return config
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        stats = self.rounds[server_round] = RoundStats()
+        messages = list(super().configure_train(server_round, arrays, self._with_run_config(config), grid))
+        stats.sampled = len(messages)
+        stats.bytes_down = wire.nbytes(arrays) * len(messages)
+        return messages
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        messages = list(super().configure_evaluate(server_round, arrays, self._with_run_config(config), grid))
+        if server_round in self.rounds:
+            self.rounds[server_round].bytes_down += wire.nbytes(arrays) * len(messages)
+        return messages
+
+    def _accept(self, msg: Message, stats: RoundStats) -> bool:
+        """Keep a reply only if it carries exactly this method's payload."""
+        node = msg.metadata.src_node_id
+        if msg.has_error():
+            stats.failures.append(f"node {node}: {msg.error.reason}")
+            return False
+        records = list(msg.content.array_records.values())
+        keys = set(records[0].keys()) if len(records) == 1 else None
+        if keys != self.payload_keys:
+            extra = sorted((keys or set()) - self.payload_keys)[:3]
+            missing = sorted(self.payload_keys - (keys or set()))[:3]
+            reason = f"payload does not match {self.name}'s (unexpected {extra}, missing {missing})"
+            stats.failures.append(f"node {node}: {reason}")
+            log.warning("round reply from node %d refused: %s", node, reason)
+            return False
+        return True
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        stats = self.rounds.setdefault(server_round, RoundStats())
+        replies = list(replies)
+        good = [m for m in replies if self._accept(m, stats)]
+        stats.replies = len(good)
+        for m in good:
+            stats.bytes_up += sum(wire.nbytes(r) for r in m.content.array_records.values())
+            metrics = dict(next(iter(m.content.metric_records.values())))
+            stats.client_metrics[m.metadata.src_node_id] = metrics
+            stats.epsilon = max(stats.epsilon, float(metrics.get("epsilon", 0.0)))
+        for failure in stats.failures:
+            log.warning("round %d: %s", server_round, failure)
+        if not good:
+            return None, None
+        return super().aggregate_train(server_round, good)

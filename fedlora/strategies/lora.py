@@ -1,0 +1,11 @@
+"""Vanilla federated LoRA: clients train A and B; the server averages each
+factor separately, weighted by examples. Inexact: mean(B)·mean(A) is not
+mean(B·A) once clients' A differ."""
+
+from .base import FedLoraStrategy
+
+
+class LoraStrategy(FedLoraStrategy):
+    name = "lora"
+    train_lora_a = True
+    exact_aggregation = False
