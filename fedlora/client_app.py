@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -32,6 +33,7 @@ def _runtime(msg: Message, context: Context) -> tuple[node.NodeRuntime, ConfigRe
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    start = time.perf_counter()  # the whole handling of the message, setup included
     rt, config = _runtime(msg, context)
     ledger = None
     if rt.run.dp.enabled:
@@ -40,11 +42,12 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(config["server-round"])
     arrays, metrics = node.train_round(
         rt, msg.content["arrays"], server_round, ledger,
-        progress_prefix=f"[node {context.node_id} round {server_round}] ",
+        progress_prefix=f"[node {context.node_config.get('partition-id', context.node_id)} round {server_round}] ",
     )
     if ledger is not None:
         context.state[LEDGER_RECORD] = ConfigRecord({"ledger": ledger.to_json()})
         metrics["noise-multiplier"] = ledger.noise_multiplier
+    metrics["client-seconds"] = time.perf_counter() - start
     return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 

@@ -206,10 +206,10 @@ def _bool(cfg, key) -> bool:
 
 def _names(cfg, key) -> tuple[str, ...]:
     """A comma-separated list (Flower config values cannot be lists)."""
-    raw = _str(cfg, key, allow_empty=False)
+    raw = _str(cfg, key)
     names = tuple(n.strip() for n in raw.split(",") if n.strip())
     if not names:
-        raise ConfigError(key, raw, "must name at least one entry")
+        raise ConfigError(key, _get(cfg, key), "must name at least one entry")
     return names
 
 

@@ -202,7 +202,7 @@ def normalise(
     if isinstance(feature, datasets.ClassLabel):
         if tuple(feature.names) != label_names:
             raise ConfigError("label-column", data.label_column, f"{where} has labels {feature.names}, expected {list(label_names)}")
-        ids = ds[data.label_column]
+        ids = list(ds[data.label_column])
     else:
         index = {name: i for i, name in enumerate(label_names)}
         ids = []
@@ -291,10 +291,10 @@ class Encoded:
 
 
 def _encode(ds: datasets.Dataset, tokenizer, text_columns: tuple[str, ...], max_length: int) -> Encoded:
-    texts = [ds[c] for c in text_columns]
+    texts = [list(ds[c]) for c in text_columns]
     enc = tokenizer(*texts, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
     tensors = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
-    tensors["labels"] = torch.tensor(ds[LABEL], dtype=torch.long)
+    tensors["labels"] = torch.tensor(list(ds[LABEL]), dtype=torch.long)
     return Encoded(tensors)
 
 

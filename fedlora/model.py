@@ -100,6 +100,7 @@ def build_model(run: RunConfig, num_labels: int, train_lora_a: bool) -> nn.Modul
     path = resolve_model(run.model)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected
+    hf_logging.disable_progress_bar()
     try:
         base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
     except Exception as e:

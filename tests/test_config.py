@@ -1,0 +1,95 @@
+"""Config parsing and the start-up checks that name the offending key."""
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fedlora.config import DEFAULTS, STRATEGIES, ConfigError, parse_run_config
+from fedlora.strategies import STRATEGIES as REGISTRY
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def test_pyproject_defaults_match_code_defaults():
+    # run_simulation passes an empty run config, so the code's defaults must be pyproject's.
+    app_cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert _flatten(app_cfg) == DEFAULTS
+
+
+def test_registry_and_config_agree_on_strategies():
+    assert set(STRATEGIES) == set(REGISTRY)
+
+
+def test_defaults_parse():
+    run = parse_run_config({})
+    assert run.strategy == "ffa-lora"
+    assert run.lora.target_modules == ("query", "value")
+    assert run.dp.enabled and run.dp.delta == 1e-5
+    assert run.partition.num_partitions == 3
+
+
+@pytest.mark.parametrize(
+    "key,value,fragment",
+    [
+        ("strategy", "fedsgd", "must be one of"),
+        ("lora.r", 0, ">= 1"),
+        ("lora.r", -3, ">= 1"),
+        ("lora.r", 2.5, "integer"),
+        ("dp.epsilon", -1.0, ">= 0"),
+        ("dp.delta", 0.0, "> 0"),
+        ("dp.max-grad-norm", 0, "> 0"),
+        ("partition.method", "random", "must be one of"),
+        ("partition.alpha", 0, "> 0"),
+        ("fraction-train", 1.5, "<= 1"),
+        ("num-server-rounds", 0, ">= 1"),
+        ("train-head", "maybe", "true or false"),
+        ("lora.target-modules", " , ", "at least one"),
+        ("text-columns", "a,b,c", "at most two"),
+        ("optimizer", "lbfgs", "must be one of"),
+        ("no-such-key", 1, "unknown key"),
+    ],
+)
+def test_bad_values_name_key_and_value(key, value, fragment):
+    with pytest.raises(ConfigError) as e:
+        parse_run_config({key: value})
+    assert e.value.key == key
+    assert f"'{key}'" in str(e.value) and repr(value).strip("'") in str(e.value)
+    assert fragment in str(e.value)
+
+
+def test_epsilon_zero_is_non_private():
+    assert not parse_run_config({"dp.epsilon": 0}).dp.enabled
+
+
+def test_missing_target_module_fails_at_model_build(tiny_model_dir):
+    from fedlora.model import build_model
+
+    run = parse_run_config({"model": tiny_model_dir, "lora.target-modules": "query,q_proj"})
+    with pytest.raises(ConfigError) as e:
+        build_model(run, num_labels=2, train_lora_a=True)
+    assert e.value.key == "lora.target-modules" and "q_proj" in str(e.value)
+
+
+def test_model_without_classifier_head_fails(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    from fedlora.model import build_model, head_names
+
+    BertModel(BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)).save_pretrained(tmp_path)
+    # AutoModelForSequenceClassification adds a head to an encoder checkpoint, so check a bare module:
+    with pytest.raises(ConfigError, match="no classifier head"):
+        head_names(BertModel(BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)))
+    with pytest.raises(ConfigError) as e:
+        build_model(parse_run_config({"model": str(tmp_path / "missing")}), 2, True)
+    assert e.value.key == "model"
