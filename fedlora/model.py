@@ -102,7 +102,8 @@ def build_model(run: RunConfig, num_labels: int, train_lora_a: bool) -> nn.Modul
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected
     hf_logging.disable_progress_bar()
     try:
-        base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+        # The head is re-drawn from the seed below, so a checkpoint with another label count is fine.
+        base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, ignore_mismatched_sizes=True)
     except Exception as e:
         raise ConfigError("model", run.model, f"cannot load a sequence classifier from {path}: {type(e).__name__}: {e}") from e
     finally:

@@ -60,8 +60,8 @@ def load_arrays(model: nn.Module, arrays: ArrayRecord, *, sender: str = "server"
 
 
 def nbytes(arrays: ArrayRecord) -> int:
-    """Bytes of tensor data in a payload (what the method sends, without
-    Flower's framing, which is the same for every method)."""
+    """Serialised bytes of a payload's arrays: each tensor's data plus its
+    small .npy header, without Flower's message framing."""
     return int(sum(len(a.data) for a in arrays.values()))
 
 

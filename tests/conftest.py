@@ -58,7 +58,10 @@ def tiny_model_dir(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("tiny-bert")
     tok = AutoTokenizer.from_pretrained(packaged_model_path())
-    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    cfg = BertConfig(
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
     import torch
 
     torch.manual_seed(0)
