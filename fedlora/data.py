@@ -185,16 +185,20 @@ def label_names_of(ds: datasets.Dataset, label_column: str) -> tuple[str, ...]:
     raise ConfigError("label-column", label_column, f"labels must be integers or strings, found {bad!r}")
 
 
-def normalise(
-    ds: datasets.Dataset, data: DataConfig, label_names: tuple[str, ...], where: str
-) -> datasets.Dataset:
-    """Keep the text columns and an integer ``label`` column; reject missing
-    columns and labels outside ``label_names``."""
+def check_columns(ds: datasets.Dataset, data: DataConfig, where: str) -> None:
     for col in data.text_columns:
         if col not in ds.column_names:
             raise ConfigError("text-columns", ",".join(data.text_columns), f"column {col!r} not in {where} (columns: {ds.column_names})")
     if data.label_column not in ds.column_names:
         raise ConfigError("label-column", data.label_column, f"column not in {where} (columns: {ds.column_names})")
+
+
+def normalise(
+    ds: datasets.Dataset, data: DataConfig, label_names: tuple[str, ...], where: str
+) -> datasets.Dataset:
+    """Keep the text columns and an integer ``label`` column; reject missing
+    columns and labels outside ``label_names``."""
+    check_columns(ds, data, where)
     if len(ds) == 0:
         raise ConfigError("dataset", data.dataset, f"{where} is empty")
     ds = ds.select_columns(list(data.text_columns) + [data.label_column])
@@ -224,6 +228,7 @@ def load_task(data: DataConfig, *, label_names: tuple[str, ...] | None = None) -
     splits, source, synth = load_splits(data)
     if synth:
         data = DataConfig(**{**data.__dict__, "text_columns": ("text",), "label_column": LABEL})
+    check_columns(splits["train"], data, f"the {data.train_split} split of {source}")
     names = label_names or label_names_of(splits["train"], data.label_column)
     train = normalise(splits["train"], data, names, f"the {data.train_split} split of {source}")
     evals = normalise(splits["eval"], data, names, f"the {data.eval_split} split of {source}")

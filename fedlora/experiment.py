@@ -13,6 +13,7 @@ import logging
 import os
 import platform
 import time
+from collections import Counter
 from importlib import metadata
 from typing import Any
 
@@ -93,6 +94,8 @@ class Experiment:
                 "label-names": list(self.task.label_names), "text-columns": list(self.task.text_columns),
                 "train-examples": len(self.task.train), "eval-examples": len(self.task.eval),
                 "partition-sizes": self.partition_sizes,
+                # Accuracy of always predicting the most common eval label: the bar to beat.
+                "eval-majority-accuracy": max(Counter(self.task.eval["label"]).values()) / len(self.task.eval),
             },
             "model": {"path": resolve_model(run.model), "trainable-parameters": trainable, "parameters": total},
             "payload": {"tensors": sorted(self.initial_arrays.keys()), "bytes": wire.nbytes(self.initial_arrays)},
@@ -151,6 +154,8 @@ class Experiment:
                 "train_loss": sum(float(m["train-loss"]) * float(m["num-examples"]) for m in cm) / total if cm else None,
                 "train_seconds_max": max((float(m["train-seconds"]) for m in cm), default=0.0),
                 "client_seconds_max": max((float(m["client-seconds"]) for m in cm), default=0.0),
+                # Per client: node id -> what it reported (examples, loss, epsilon, timings).
+                "client_metrics": {str(node): m for node, m in stats.client_metrics.items()},
             })
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Run the app as a local Flower simulation with `flwr run .`, the way Flower 1.42
+# does it, minus its traps: an isolated FLWR_HOME, no per-run dependency
+# installation (it would pull a CUDA torch), a check of the run's real status
+# (`flwr run` exits 0 even when the run fails), and the local SuperLink that
+# `flwr run` starts is stopped afterwards.
+#
+#   scripts/flwr-sim.sh [key=value ...]     run-config overrides, TOML values:
+#   scripts/flwr-sim.sh strategy='"lora"' dp.epsilon=1.0 num-server-rounds=10
+#
+# Environment: FEDLORA_NODES (default 3 simulated nodes), FEDLORA_CLIENT_CPUS
+# (CPUs per simulated client, default: all CPUs / nodes, at least 1).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export FLWR_HOME="${FLWR_HOME:-$PWD/.flwr}"
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 FLWR_DISABLE_UPDATE_CHECK=1
+# Our own local SuperLink ports, so an unrelated SuperLink on the defaults is never reused.
+export FLWR_LOCAL_SUPERLINK_HTTP_API_PORT="${FLWR_LOCAL_SUPERLINK_HTTP_API_PORT:-39191}"
+export FLWR_LOCAL_CONTROL_API_PORT="${FLWR_LOCAL_CONTROL_API_PORT:-39193}"
+nodes="${FEDLORA_NODES:-3}"
+cpus="${FEDLORA_CLIENT_CPUS:-$(( $(nproc) / nodes > 0 ? $(nproc) / nodes : 1 ))}"
+mkdir -p "$FLWR_HOME" outputs
+
+before=$(pgrep -f "flower-superlink" | sort || true)
+stop_superlink() {
+  for pid in $(pgrep -f "flower-superlink" | sort); do
+    grep -qx "$pid" <<<"$before" || kill "$pid" 2>/dev/null || true
+  done
+}
+trap stop_superlink EXIT
+
+overrides="output-dir=\"$PWD/outputs\" num-partitions=$nodes"
+[ -n "${FEDLORA_DATA_DIR:-}" ] && overrides="$overrides data-dir=\"$FEDLORA_DATA_DIR\""
+for kv in "$@"; do overrides="$overrides $kv"; done
+
+started=$(date +%s)
+flwr run . --stream --run-config "$overrides" \
+  --federation-config "num-supernodes=$nodes client-resources-num-cpus=$cpus"
+
+# The newest run's status is the truth.
+status=$(flwr ls --format json | python3 -c '
+import json, sys
+runs = json.load(sys.stdin).get("runs", [])
+runs.sort(key=lambda r: int(r.get("run-id", 0)) if str(r.get("run-id", "")).isdigit() else 0)
+newest = max(runs, key=lambda r: r.get("pending-at") or r.get("created-at") or "", default={})
+print(newest.get("status", "unknown"), "|", newest.get("status-details", ""))
+')
+echo "flwr run finished in $(( $(date +%s) - started ))s: $status"
+case "$status" in
+  finished:completed*) exit 0 ;;
+  *) echo "the run did not complete (see the log above and 'FLWR_HOME=$FLWR_HOME flwr log')" >&2; exit 1 ;;
+esac
