@@ -22,6 +22,7 @@ from flwr.app import ArrayRecord, MetricRecord
 from . import data as data_mod
 from . import wire
 from .config import ConfigError, RunConfig
+from .privacy import PrivacyLedger
 from .model import build_model, count_parameters, load_tokenizer, resolve_model
 from .strategies import FedLoraStrategy, get_strategy
 from .training import evaluate
@@ -68,6 +69,12 @@ class Experiment:
             len(data_mod.partition(self.task.train, run.partition, i, run.partition.num_partitions, run.seed))
             for i in range(run.partition.num_partitions)
         ]
+        # Each simulated client's noise multiplier, calibrated as the client will:
+        # an unreachable budget fails here, not in every client.
+        self.noise_multipliers = [
+            PrivacyLedger.plan(run.dp, n, run.train.batch_size, run.num_server_rounds * run.train.local_steps).noise_multiplier
+            for n in self.partition_sizes
+        ] if run.dp.enabled else []
         self.model = build_model(run, self.task.num_labels, self.method.train_lora_a)
         tokenizer = load_tokenizer(run.model)
         self.eval_data = data_mod.encode(self.task.eval, tokenizer, self.task.text_columns, run.data.max_length)
@@ -100,6 +107,7 @@ class Experiment:
             "model": {"path": resolve_model(run.model), "trainable-parameters": trainable, "parameters": total},
             "payload": {"tensors": sorted(self.initial_arrays.keys()), "bytes": wire.nbytes(self.initial_arrays)},
             "shared-fingerprint": self.fingerprint,
+            "dp": {"noise-multipliers (simulated partitions)": self.noise_multipliers, "accountant": "rdp"},
             "versions": _versions(),
         })
         if self.task.synthetic:

@@ -24,9 +24,17 @@ mkdir -p "$FLWR_HOME" outputs
 
 before=$(pgrep -f "flower-superlink" | sort || true)
 stop_superlink() {
+  local mine=()
   for pid in $(pgrep -f "flower-superlink" | sort); do
-    grep -qx "$pid" <<<"$before" || kill "$pid" 2>/dev/null || true
+    grep -qx "$pid" <<<"$before" || mine+=("$pid")
   done
+  [ ${#mine[@]} -gt 0 ] || return 0
+  kill "${mine[@]}" 2>/dev/null || true
+  for _ in $(seq 20); do  # it shuts down gracefully within a few seconds
+    kill -0 "${mine[@]}" 2>/dev/null || return 0
+    sleep 0.5
+  done
+  kill -9 "${mine[@]}" 2>/dev/null || true
 }
 trap stop_superlink EXIT
 

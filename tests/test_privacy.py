@@ -109,9 +109,8 @@ def test_noise_is_added_with_the_calibrated_scale(tiny_model_dir):
 
 def _independent_epsilon(history, delta):
     from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
-    from opacus.accountants.rdp import RDPAccountant
 
-    orders = RDPAccountant.DEFAULT_ALPHAS
+    orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [80, 96, 128, 192, 256, 384, 512, 768, 1024]
     rdp = sum(compute_rdp(q=q, noise_multiplier=s, steps=t, orders=orders) for s, q, t in history)
     eps, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
     return float(eps)
@@ -146,3 +145,11 @@ def test_prv_accountant_agrees_epsilon_is_an_upper_bound():
     prv.history = list(ledger.history)
     assert prv.get_epsilon(delta=1e-5) <= ledger.epsilon() + 1e-6
     assert math.isfinite(ledger.epsilon())
+
+
+def test_unreachable_budget_is_a_config_error():
+    from fedlora.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        privacy.PrivacyLedger.plan(DPConfig(epsilon=1e-6, delta=1e-9, max_grad_norm=1.0), num_examples=10, batch_size=10, planned_steps=10_000)
+    assert e.value.key == "dp.epsilon"
