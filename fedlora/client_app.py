@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from . import node
@@ -57,5 +57,3 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics = node.evaluate_round(rt, msg.content["arrays"])
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
-
-__all__ = ["app", "ArrayRecord"]

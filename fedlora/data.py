@@ -215,8 +215,7 @@ def normalise(
             if not isinstance(key, str) or key not in index:
                 raise ConfigError("label-column", data.label_column, f"label {v!r} in {where} is outside the label set {list(label_names)}")
             ids.append(index[key])
-    if data.label_column in ds.column_names:
-        ds = ds.remove_columns(data.label_column)
+    ds = ds.remove_columns(data.label_column)
     for col in data.text_columns:
         if ds.features[col].dtype != "string":
             ds = ds.cast_column(col, datasets.Value("string"))

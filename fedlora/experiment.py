@@ -162,6 +162,7 @@ class Experiment:
                 "train_loss": sum(float(m["train-loss"]) * float(m["num-examples"]) for m in cm) / total if cm else None,
                 "train_seconds_max": max((float(m["train-seconds"]) for m in cm), default=0.0),
                 "client_seconds_max": max((float(m["client-seconds"]) for m in cm), default=0.0),
+                **({"client_eval_accuracy": stats.client_eval["accuracy"], "client_eval_loss": stats.client_eval["loss"]} if stats.client_eval else {}),
                 # Per client: node id -> what it reported (examples, loss, epsilon, timings).
                 "client_metrics": {str(node): m for node, m in stats.client_metrics.items()},
             })

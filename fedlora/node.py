@@ -1,10 +1,11 @@
 """A client node's work, without Flower: build (once) and train/evaluate.
 
-``NodeRuntime`` holds what a node keeps across rounds: the model (built once),
-its tokenised data, and the DP wrapper. In simulation a node's ClientApp calls
-run in one long-lived process, so runtimes are cached in memory; in
-deployment a ClientApp process may start per message, so tokenised data is
-also cached on the node's disk (``cache-dir``).
+``NodeRuntime`` is what a node works with in a round: the model and its DP
+wrapper (built once per process and shared by the nodes that process serves,
+since each round first loads the global payload), and the node's tokenised
+data (cached per node in memory and on the node's disk, ``cache-dir``, for
+deployments where a ClientApp process may start per message). What must
+survive a process, the privacy ledger, lives in the node's Flower state.
 """
 
 from __future__ import annotations

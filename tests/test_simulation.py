@@ -59,7 +59,9 @@ def _reload_accuracy(run_dir):
 @pytest.mark.parametrize("strategy", ["ffa-lora", "lora"])
 @pytest.mark.parametrize("epsilon", [0.0, 3.0], ids=["nodp", "eps3"])
 def test_simulation_learns_and_writes_outputs(tmp_path, e2e_task, strategy, epsilon):
-    run_dir, rows = _run(tmp_path, e2e_task, strategy=strategy, **{"dp.epsilon": epsilon, "train-head": True}, **METHOD[strategy])
+    # One of the runs also has the clients evaluate on their local held-out split.
+    local_eval = 1.0 if (strategy, epsilon) == ("ffa-lora", 0.0) else 0.0
+    run_dir, rows = _run(tmp_path, e2e_task, strategy=strategy, **{"dp.epsilon": epsilon, "train-head": True, "fraction-evaluate": local_eval}, **METHOD[strategy])
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     for r in rows[1:]:
         for key in ("round", "strategy", "accuracy", "loss", "epsilon", "bytes_up", "bytes_down", "seconds"):
@@ -68,6 +70,10 @@ def test_simulation_learns_and_writes_outputs(tmp_path, e2e_task, strategy, epsi
         assert r["bytes_up"] > 0 and r["bytes_down"] > 0 and r["seconds"] > 0
     final = rows[-1]
     assert final["accuracy"] >= 0.8, rows  # balanced binary task: chance is 0.5
+    if local_eval:
+        assert final["client_eval_accuracy"] >= 0.8 and final["client_eval_loss"] > 0
+    else:
+        assert "client_eval_accuracy" not in final
     if epsilon:
         eps = [r["epsilon"] for r in rows[1:]]
         assert eps == sorted(eps) and 0 < eps[0] and eps[-1] <= epsilon  # spent grows, never past the budget

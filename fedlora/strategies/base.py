@@ -33,6 +33,7 @@ class RoundStats:
     failures: list[str] = field(default_factory=list)
     epsilon: float = 0.0  # max over the replying clients
     client_metrics: dict[int, dict] = field(default_factory=dict)
+    client_eval: dict[str, float] = field(default_factory=dict)  # example-weighted, from evaluate replies
 
 
 def aggregate_train_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -131,3 +132,9 @@ class FedLoraStrategy(FedAvg):
         if not good:
             return None, None
         return super().aggregate_train(server_round, good)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        metrics = super().aggregate_evaluate(server_round, replies)
+        if metrics is not None and server_round in self.rounds:
+            self.rounds[server_round].client_eval = {k: float(v) for k, v in metrics.items() if not isinstance(v, list)}
+        return metrics

@@ -1,0 +1,72 @@
+"""A client node without Flower: its data, its caches, its privacy budget."""
+
+import pytest
+import torch
+
+from conftest import make_rows, write_jsonl
+from fedlora import data as data_mod
+from fedlora import node, wire
+from fedlora.config import ConfigError, parse_run_config
+from fedlora.privacy import BudgetExhausted
+
+
+@pytest.fixture
+def run(tiny_model_dir, task_dir, tmp_path):
+    node._MODELS.clear()
+    node._NODE_DATA.clear()
+    return parse_run_config({
+        "model": tiny_model_dir, "dataset": task_dir, "cache-dir": str(tmp_path / "cache"),
+        "local-steps": 3, "batch-size": 8, "num-server-rounds": 2, "dp.epsilon": 2.0,
+    })
+
+
+LABELS = ("0", "1")
+
+
+def test_deployed_node_uses_its_own_data_whole(run, tmp_path):
+    path = write_jsonl(tmp_path / "mine" / "train.jsonl", make_rows(37, seed=5))
+    rt = node.get_runtime(run, {"data-path": str(tmp_path / "mine")}, LABELS, train_lora_a=False)
+    assert rt.num_examples == 37 and rt.private  # private data: DP noise is not seeded
+    assert path
+
+
+def test_node_needs_a_partition_or_data_path(run):
+    with pytest.raises(ConfigError) as e:
+        node.get_runtime(run, {}, LABELS, train_lora_a=False)
+    assert e.value.key == "node-config"
+
+
+def test_node_data_with_a_label_outside_the_run_label_set_is_refused(run, tmp_path):
+    write_jsonl(tmp_path / "odd" / "train.jsonl", [{"text": "x", "label": 5}])
+    with pytest.raises(ConfigError, match="outside the label set"):
+        node.get_runtime(run, {"data-path": str(tmp_path / "odd")}, LABELS, train_lora_a=False)
+
+
+def test_runtime_is_built_once_per_process_and_tokens_cached_on_disk(run, monkeypatch):
+    cfg = {"partition-id": 1, "num-partitions": 3}
+    first = node.get_runtime(run, cfg, LABELS, train_lora_a=False)
+    again = node.get_runtime(run, cfg, LABELS, train_lora_a=False)
+    assert again.model is first.model and again.train_data is first.train_data
+    other = node.get_runtime(run, {"partition-id": 2, "num-partitions": 3}, LABELS, train_lora_a=False)
+    assert other.model is first.model and len(other.train_data) != 0  # the model is shared, data is per node
+    # A fresh process (memory caches gone) reads the tokens from disk instead of tokenising again.
+    node._NODE_DATA.clear()
+    monkeypatch.setattr(data_mod, "_encode", lambda *a, **k: pytest.fail("re-tokenised despite the disk cache"))
+    fresh = node.get_runtime(run, cfg, LABELS, train_lora_a=False)
+    assert torch.equal(fresh.train_data.tensors["input_ids"], first.train_data.tensors["input_ids"])
+
+
+def test_a_node_never_trains_past_its_budget(run):
+    rt = node.get_runtime(run, {"partition-id": 0, "num-partitions": 3}, LABELS, train_lora_a=False)
+    ledger = node.plan_ledger(rt)
+    assert ledger.planned_steps == 2 * 3
+    arrays = wire.to_arrays(rt.model)
+    eps = []
+    for rnd in (1, 2):
+        arrays, metrics = node.train_round(rt, arrays, rnd, ledger)
+        eps.append(metrics["epsilon"])
+    assert 0 < eps[0] < eps[1] <= 2.0
+    before = ledger.to_json()
+    with pytest.raises(BudgetExhausted):
+        node.train_round(rt, arrays, 3, ledger)
+    assert ledger.to_json() == before  # nothing spent by the refused round
