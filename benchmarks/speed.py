@@ -2,8 +2,8 @@
 
     python benchmarks/speed.py [--data-dir DIR] [--steps N] [--skip-simulation] [--skip-deployment]
 
-1. DP-SGD step time / non-DP step time, same LoRA model (MiniLM) and batch
-   (16 x 64 tokens), measured in interleaved blocks.          goal <= 1.05
+1. DP-SGD step time / non-DP step time, same model (MiniLM with LoRA, and
+   with FFA-LoRA) and batch (16 x 64 tokens), interleaved blocks.  goal <= 1.05
 2. Client round wall time / pure training time in a Flower simulation
    (rounds after the first; round 1 includes building the node).  goal <= 1.10
    The same ratio when every round starts a fresh process (deployment, where
@@ -39,13 +39,13 @@ def _batch(batch_size: int, seq: int) -> Encoded:
     return Encoded({"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids), "labels": torch.arange(batch_size) % 2})
 
 
-def dp_step_ratio(steps: int, blocks: int = 6) -> dict:
+def dp_step_ratio(steps: int, train_lora_a: bool, blocks: int = 8) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
-    run = parse_run_config({"strategy": "lora"})
+    run = parse_run_config({"strategy": "lora" if train_lora_a else "ffa-lora"})
     enc = _batch(16, 64)
     idx = list(range(16))
-    plain = build_model(run, 2, train_lora_a=True)
-    private = build_model(run, 2, train_lora_a=True)
+    plain = build_model(run, 2, train_lora_a=train_lora_a)
+    private = build_model(run, 2, train_lora_a=train_lora_a)
     gsm = privacy.wrap_model(private)
     ledger = privacy.PrivacyLedger(3.0, 1e-5, noise_multiplier=1.0, sample_rate=0.01, planned_steps=10**6)
     opt_plain = training.make_optimizer([p for p in plain.parameters() if p.requires_grad], run.train)
@@ -130,8 +130,9 @@ def main() -> None:
     args = ap.parse_args()
 
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
-    r = dp_step_ratio(args.steps)
-    print(f"[1] DP step / non-DP step (LoRA, MiniLM, batch 16 x 64): {r['dp_step_s']:.4f}s / {r['plain_step_s']:.4f}s = {r['ratio']:.3f}  (goal <= 1.05)", flush=True)
+    for name, train_a in (("LoRA", True), ("FFA-LoRA", False)):
+        r = dp_step_ratio(args.steps, train_a)
+        print(f"[1] DP step / non-DP step ({name}, MiniLM, batch 16 x 64): {r['dp_step_s']:.4f}s / {r['plain_step_s']:.4f}s = {r['ratio']:.3f}  (goal <= 1.05)", flush=True)
     u = upload_ratio()
     print(f"[3] upload bytes per client per round, FFA-LoRA / LoRA (head frozen): {u['ffa_bytes']} / {u['lora_bytes']} = {u['ratio']:.4f}  (goal 0.5)", flush=True)
     if not args.skip_simulation:

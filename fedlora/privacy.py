@@ -11,6 +11,7 @@ DP-SGD with Poisson sampling.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +26,12 @@ ACCOUNTANT = "rdp"
 ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [80, 96, 128, 192, 256, 384, 512, 768, 1024]
 # get_noise_multiplier searches sigma until epsilon is within this of the target, from below.
 EPSILON_TOLERANCE = 0.01
+
+
+# Opacus' hooks on the first LoRA layers see inputs that need no gradient (frozen
+# embeddings); torch warns on every backward, though per-sample gradients are
+# unaffected (tests/test_privacy.py checks them against autograd).
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs")
 
 
 class BudgetExhausted(RuntimeError):

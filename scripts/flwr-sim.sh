@@ -38,12 +38,14 @@ stop_superlink() {
 }
 trap stop_superlink EXIT
 
-overrides="output-dir=\"$PWD/outputs\" num-partitions=$nodes"
-[ -n "${FEDLORA_DATA_DIR:-}" ] && overrides="$overrides data-dir=\"$FEDLORA_DATA_DIR\""
-for kv in "$@"; do overrides="$overrides $kv"; done
+# One --run-config per pair: Flower rejects a key repeated within one string,
+# and a later --run-config overrides an earlier one, so the caller's pairs win.
+overrides=(--run-config "output-dir=\"$PWD/outputs\" num-partitions=$nodes")
+[ -n "${FEDLORA_DATA_DIR:-}" ] && overrides+=(--run-config "data-dir=\"$FEDLORA_DATA_DIR\"")
+for kv in "$@"; do overrides+=(--run-config "$kv"); done
 
 started=$(date +%s)
-flwr run . --stream --run-config "$overrides" \
+flwr run . --stream "${overrides[@]}" \
   --federation-config "num-supernodes=$nodes client-resources-num-cpus=$cpus"
 
 # The newest run's status is the truth.
