@@ -279,6 +279,8 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         train=train,
         raw={**DEFAULTS, **dict(cfg)},
     )
+    if "/" in run.run_name or os.sep in run.run_name or run.run_name in (".", ".."):
+        raise ConfigError("run-name", run.run_name, "must be a plain folder name (no path separators)")
     if run.fraction_evaluate > 0 and run.train.local_eval_fraction == 0:
         raise ConfigError("local-eval-fraction", 0.0, "must be > 0 when fraction-evaluate > 0 (clients need a local split)")
     return run

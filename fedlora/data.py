@@ -173,7 +173,9 @@ def label_names_of(ds: datasets.Dataset, label_column: str) -> tuple[str, ...]:
     values = set(ds[label_column])
     if any(v is None for v in values):
         raise ConfigError("label-column", label_column, "has missing (null) labels")
-    if all(isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer() for v in values):
+    if any(isinstance(v, bool) for v in values):
+        raise ConfigError("label-column", label_column, "labels must be integers or strings, found booleans")
+    if all(isinstance(v, (int, float)) and float(v).is_integer() for v in values):
         ints = sorted(int(v) for v in values)
         if ints[0] < 0:
             raise ConfigError("label-column", label_column, f"integer labels must be >= 0, found {ints[0]}")
@@ -181,8 +183,8 @@ def label_names_of(ds: datasets.Dataset, label_column: str) -> tuple[str, ...]:
     if all(isinstance(v, str) for v in values):
         # Documented handling: string labels map to ids in sorted order.
         return tuple(sorted(values))
-    bad = next(v for v in values if not isinstance(v, (int, str)))
-    raise ConfigError("label-column", label_column, f"labels must be integers or strings, found {bad!r}")
+    kinds = sorted({type(v).__name__ for v in values})
+    raise ConfigError("label-column", label_column, f"labels must be all integers or all strings, found {', '.join(kinds)} (e.g. {sorted(map(repr, values))[0]})")
 
 
 def check_columns(ds: datasets.Dataset, data: DataConfig, where: str) -> None:

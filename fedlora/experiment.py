@@ -22,8 +22,9 @@ from flwr.app import ArrayRecord, MetricRecord
 from . import data as data_mod
 from . import wire
 from .config import ConfigError, RunConfig
-from .privacy import PrivacyLedger
 from .model import build_model, count_parameters, load_tokenizer, resolve_model
+from .node import train_size_after_holdout
+from .privacy import PrivacyLedger
 from .strategies import FedLoraStrategy, get_strategy
 from .training import evaluate
 
@@ -71,10 +72,18 @@ class Experiment:
         ]
         # Each simulated client's noise multiplier, calibrated as the client will:
         # an unreachable budget fails here, not in every client.
+        train_sizes = [
+            train_size_after_holdout(n, run.train.local_eval_fraction) if run.fraction_evaluate > 0 else n
+            for n in self.partition_sizes
+        ]
+        if min(train_sizes) < 1:
+            raise ConfigError("local-eval-fraction", run.train.local_eval_fraction, f"leaves a partition without training data (sizes {self.partition_sizes})")
         self.noise_multipliers = [
             PrivacyLedger.plan(run.dp, n, run.train.batch_size, run.num_server_rounds * run.train.local_steps).noise_multiplier
-            for n in self.partition_sizes
+            for n in train_sizes
         ] if run.dp.enabled else []
+        if run.dp.enabled and run.fraction_evaluate > 0:
+            log.warning("fraction-evaluate > 0 with DP: client-side evaluation metrics are released without DP")
         self.model = build_model(run, self.task.num_labels, self.method.train_lora_a)
         tokenizer = load_tokenizer(run.model)
         self.eval_data = data_mod.encode(self.task.eval, tokenizer, self.task.text_columns, run.data.max_length)
@@ -159,7 +168,8 @@ class Experiment:
             row.update({
                 "clients": stats.replies, "sampled": stats.sampled, "failures": len(stats.failures),
                 "failure_reasons": stats.failures,
-                "train_loss": sum(float(m["train-loss"]) * float(m["num-examples"]) for m in cm) / total if cm else None,
+                # Only without DP: the loss on private batches is not privatised.
+                "train_loss": sum(float(m["train-loss"]) * float(m["num-examples"]) for m in cm) / total if cm and all("train-loss" in m for m in cm) else None,
                 "train_seconds_max": max((float(m["train-seconds"]) for m in cm), default=0.0),
                 "client_seconds_max": max((float(m["client-seconds"]) for m in cm), default=0.0),
                 **({"client_eval_accuracy": stats.client_eval["accuracy"], "client_eval_loss": stats.client_eval["loss"]} if stats.client_eval else {}),

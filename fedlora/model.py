@@ -111,6 +111,9 @@ def build_model(run: RunConfig, num_labels: int, train_lora_a: bool) -> nn.Modul
     if base.config.pad_token_id is None and base.config.eos_token_id is not None:
         base.config.pad_token_id = base.config.eos_token_id  # decoder models need it to pool
     _validate_targets(base, run.lora.target_modules)
+    max_positions = getattr(base.config, "max_position_embeddings", None)
+    if max_positions and run.data.max_length > max_positions:
+        raise ConfigError("max-length", run.data.max_length, f"exceeds the model's {max_positions} positions")
     heads = head_names(base)
     cfg = peft.LoraConfig(
         task_type=peft.TaskType.SEQ_CLS,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -86,6 +87,11 @@ def node_dataset(run: RunConfig, node_config: dict, label_names: tuple[str, ...]
         raise ConfigError("node-config", dict(node_config), "needs 'data-path' (deployment) or 'partition-id' (simulation)")
     pid = int(node_config["partition-id"])
     num = int(node_config.get("num-partitions", run.partition.num_partitions))
+    if num != run.partition.num_partitions:
+        raise ConfigError(
+            "num-partitions", run.partition.num_partitions,
+            f"the federation has {num} simulated nodes; set num-partitions={num} (or num-supernodes={run.partition.num_partitions})",
+        )
     task = _load_task_cached(run, label_names)
     ds = data_mod.partition(task.train, run.partition, pid, num, run.seed)
     p = run.partition
@@ -127,14 +133,23 @@ def _build_node_data(run: RunConfig, node_config: dict, label_names: tuple[str, 
     ds, text_columns, cache_key, stream, private = node_dataset(run, node_config, label_names)
     eval_ds = None
     if run.fraction_evaluate > 0:
+        if train_size_after_holdout(len(ds), run.train.local_eval_fraction) < 1:
+            raise ConfigError("local-eval-fraction", run.train.local_eval_fraction, f"leaves no training data of this node's {len(ds)} examples")
         split = ds.train_test_split(test_size=run.train.local_eval_fraction, seed=run.seed)
         ds, eval_ds = split["train"], split["test"]
-        cache_key += f"|holdout{run.train.local_eval_fraction}"
+        cache_key += f"|holdout{run.train.local_eval_fraction}/{run.seed}"
+    d = run.data
+    cache_key += f"|{d.label_column}|{label_names}|{d.train_split}|{d.eval_split}"
     tok = load_tokenizer(run.model)
     cdir = cache_dir(run)
     train_enc = data_mod.encode(ds, tok, text_columns, run.data.max_length, cache_key + "|train", cdir)
     eval_enc = data_mod.encode(eval_ds, tok, text_columns, run.data.max_length, cache_key + "|eval", cdir) if eval_ds is not None else None
     return train_enc, eval_enc, stream, private
+
+
+def train_size_after_holdout(n: int, fraction: float) -> int:
+    """Examples left to train on after datasets' train_test_split(test_size=fraction)."""
+    return n - math.ceil(fraction * n)
 
 
 def check_fingerprint(rt: NodeRuntime, expected: str) -> None:
@@ -143,7 +158,7 @@ def check_fingerprint(rt: NodeRuntime, expected: str) -> None:
         raise FingerprintMismatch(
             f"this node's shared frozen tensors (LoRA A / frozen head) have fingerprint {mine[:16]}…, "
             f"the run's are {expected[:16]}…: refusing to train. Check that every node runs the same "
-            "seed, model, lora.* settings and library versions."
+            "seed, model checkpoint, lora.* settings and library versions."
         )
 
 
@@ -155,7 +170,12 @@ def train_round(rt: NodeRuntime, arrays: ArrayRecord, server_round: int, ledger:
     wire.load_arrays(rt.model, arrays)
     cfg, run = rt.run.train, rt.run
     opt = training.make_optimizer(rt.trainable(), cfg)
-    sample_gen = round_generator(run.seed, server_round, rt.stream, 0)
+    # Simulation (research) runs are reproducible from (seed, round, partition);
+    # a node with its own data samples batches from OS entropy, since subsampling
+    # amplification assumes the sampler's randomness is secret.
+    sample_gen = torch.Generator() if rt.private else round_generator(run.seed, server_round, rt.stream, 0)
+    if rt.private:
+        sample_gen.seed()
 
     def progress(step: int, total: int, loss: float) -> None:
         log.info("%sstep %d/%d loss %.4f", progress_prefix, step, total, loss)
@@ -163,6 +183,7 @@ def train_round(rt: NodeRuntime, arrays: ArrayRecord, server_round: int, ledger:
     if run.dp.enabled:
         assert ledger is not None and rt.dp_model is not None
         ledger.check(cfg.local_steps)
+        privacy.reset_per_sample_state(rt.dp_model)
         noise_gen = None if rt.private else round_generator(run.seed, server_round, rt.stream, 1)
         expected = max(1, round(ledger.sample_rate * rt.num_examples))
         dp_opt = privacy.dp_optimizer(opt, ledger, run.dp.max_grad_norm, expected, noise_gen)
@@ -178,12 +199,14 @@ def train_round(rt: NodeRuntime, arrays: ArrayRecord, server_round: int, ledger:
     payload = wire.to_arrays(rt.model)
     metrics = {
         "num-examples": rt.num_examples,
-        "train-loss": result.loss,
         "epsilon": epsilon,
         "steps": result.steps,
         "train-seconds": result.seconds,
         "round-seconds": time.perf_counter() - t0,  # load + train + extract, no setup
     }
+    if not run.dp.enabled:
+        # The loss on the private batches is not covered by DP: released only without DP.
+        metrics["train-loss"] = result.loss
     return payload, metrics
 
 

@@ -131,6 +131,23 @@ def wrap_model(model: nn.Module) -> nn.Module:
     return GradSampleModule(model, batch_first=True, loss_reduction="mean")
 
 
+def reset_per_sample_state(model: nn.Module) -> None:
+    """Drop any per-sample state Opacus left on a (shared) model, e.g. after a
+    round that failed between backward and step: left in place it would be
+    merged into the next node's clipped sum."""
+    for module in model.modules():
+        module.__dict__.pop("activations", None)
+        module.__dict__.pop("max_batch_len", None)
+    for p in model.parameters():
+        p.grad = None
+        if hasattr(p, "_current_grad_sample"):
+            del p._current_grad_sample
+        if hasattr(p, "grad_sample"):
+            p.grad_sample = None  # Opacus expects the attribute to exist
+        if hasattr(p, "_forward_counter"):
+            p._forward_counter = 0
+
+
 def dp_optimizer(optimizer: torch.optim.Optimizer, ledger: PrivacyLedger, max_grad_norm: float, expected_batch_size: int, generator: torch.Generator | None):
     """Clip each sample's gradient to ``max_grad_norm`` and add Gaussian noise.
 

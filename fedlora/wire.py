@@ -75,10 +75,36 @@ def shared_frozen_names(model: nn.Module) -> list[str]:
     ]
 
 
+_SAMPLE = 4096  # values per pretrained tensor that enter the fingerprint
+
+
+@torch.no_grad()
+def _base_digest(model: nn.Module) -> str:
+    """The pretrained weights, sampled (every tensor's name and shape, and up to
+    4096 evenly strided values): a different checkpoint of the same
+    architecture changes it, at a cost independent of model size. Cached on the
+    model, whose pretrained weights never change."""
+    cached = model.__dict__.get("_fedlora_base_digest")
+    if cached:
+        return cached
+    h = hashlib.sha256()
+    shared = set(shared_frozen_names(model)) | set(payload_names(model))
+    for name, p in sorted((_clean(n), p) for n, p in model.named_parameters()):
+        if name in shared or ".original_module." in name:
+            continue
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // _SAMPLE)
+        h.update(f"{name}{tuple(p.shape)}".encode())
+        h.update(flat[::step][:_SAMPLE].cpu().to(torch.float32).numpy().tobytes())
+    model.__dict__["_fedlora_base_digest"] = digest = h.hexdigest()
+    return digest
+
+
 @torch.no_grad()
 def fingerprint(model: nn.Module) -> str:
-    """SHA-256 over the shared frozen tensors (names, shapes, float32 bytes)."""
-    h = hashlib.sha256()
+    """SHA-256 over the shared frozen tensors (names, shapes, float32 bytes) and
+    a sample of the pretrained weights."""
+    h = hashlib.sha256(_base_digest(model).encode())
     params = dict((_clean(n), p) for n, p in model.named_parameters())
     for name in sorted(shared_frozen_names(model)):
         t = params[name].detach().cpu().to(torch.float32).contiguous()

@@ -93,3 +93,17 @@ def test_model_without_classifier_head_fails(tmp_path):
     with pytest.raises(ConfigError) as e:
         build_model(parse_run_config({"model": str(tmp_path / "missing")}), 2, True)
     assert e.value.key == "model"
+
+
+def test_run_name_must_not_escape_the_output_dir():
+    with pytest.raises(ConfigError) as e:
+        parse_run_config({"run-name": "../elsewhere"})
+    assert e.value.key == "run-name"
+
+
+def test_max_length_beyond_the_model_fails_at_build(tiny_model_dir):
+    from fedlora.model import build_model
+
+    with pytest.raises(ConfigError) as e:
+        build_model(parse_run_config({"model": tiny_model_dir, "max-length": 4096}), num_labels=2, train_lora_a=False)
+    assert e.value.key == "max-length" and "128 positions" in str(e.value)

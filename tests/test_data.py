@@ -50,7 +50,9 @@ def test_pair_task_uses_two_text_columns(tmp_path):
     [
         ([{"text": "x", "label": 0}, {"text": "y", "label": 1}], {"text-columns": "sentence"}, "text-columns", "'sentence' not in"),
         ([{"text": "x", "label": 0}, {"text": "y", "label": 1}], {"label-column": "target"}, "label-column", "column not in"),
-        ([{"text": "x", "label": 0.5}, {"text": "y", "label": 1}], {}, "label-column", "must be integers or strings"),
+        ([{"text": "x", "label": 0.5}, {"text": "y", "label": 1}], {}, "label-column", "all integers or all strings"),
+        ([{"text": "x", "label": True}, {"text": "y", "label": False}], {}, "label-column", "found booleans"),
+        ([{"text": "x", "label": "pos"}, {"text": "y", "label": 1}], {}, "label-column", "all integers or all strings"),
         ([{"text": "x", "label": -1}, {"text": "y", "label": 1}], {}, "label-column", ">= 0"),
     ],
 )

@@ -153,3 +153,18 @@ def test_unreachable_budget_is_a_config_error():
     with pytest.raises(ConfigError) as e:
         privacy.PrivacyLedger.plan(DPConfig(epsilon=1e-6, delta=1e-9, max_grad_norm=1.0), num_examples=10, batch_size=10, planned_steps=10_000)
     assert e.value.key == "dp.epsilon"
+
+
+def test_per_sample_state_left_by_an_aborted_round_is_cleared(tiny_model_dir):
+    # The model is shared by the nodes a process serves: a round that dies between
+    # backward and step must not leak its per-sample gradients into the next one.
+    model = _model(tiny_model_dir, train_lora_a=False)
+    gsm = privacy.wrap_model(model)
+    enc = _batch()
+    gsm(**enc.batch([0, 1, 2])).loss.backward()  # aborted: no step
+    privacy.reset_per_sample_state(gsm)
+    gsm(**enc.batch([3, 4])).loss.backward()
+    for p in gsm.parameters():
+        if p.requires_grad:
+            assert isinstance(p.grad_sample, torch.Tensor) and p.grad_sample.shape[0] == 2
+    gsm._close()

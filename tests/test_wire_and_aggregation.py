@@ -122,3 +122,26 @@ def test_ffa_strategy_refuses_a_reply_carrying_a_and_names_the_node():
     assert any(f.startswith("node 7:") and "lora_A" in f for f in failures)
     assert any(f.startswith("node 9:") and "budget" in f for f in failures)
     assert strat.rounds[3].replies == 1
+
+
+def test_fingerprint_covers_the_pretrained_checkpoint(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    other = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
+    with torch.no_grad():  # same architecture, a different checkpoint
+        other.bert.encoder.layer[0].attention.self.key.weight.mul_(1.01)
+    other.save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path)
+    mine = _model(tiny_model_dir, False, train_head=True)
+    theirs = build_model(parse_run_config({"model": str(tmp_path), "train-head": True}), num_labels=2, train_lora_a=False)
+    assert wire.fingerprint(mine) != wire.fingerprint(theirs)
+    assert wire.fingerprint(mine) == wire.fingerprint(_model(tiny_model_dir, False, train_head=True))
+
+
+def test_reported_epsilon_is_cumulative_over_nodes_that_sat_out():
+    # With partial participation a round's repliers may have spent less than others.
+    strat = FfaLoraStrategy(payload_keys=[KB], fingerprint="x")
+    b = np.ones((D, R), np.float32)
+    strat.aggregate_train(1, [_reply(4, {KB: b}, 10)])  # node 4 reports epsilon 2.0
+    strat.aggregate_train(2, [_reply(1, {KB: b}, 10)])  # only node 1 (epsilon 0.5) this round
+    assert strat.rounds[2].epsilon == 2.0

@@ -31,7 +31,7 @@ class RoundStats:
     sampled: int = 0
     replies: int = 0
     failures: list[str] = field(default_factory=list)
-    epsilon: float = 0.0  # max over the replying clients
+    epsilon: float = 0.0  # max over clients of the epsilon spent so far
     client_metrics: dict[int, dict] = field(default_factory=dict)
     client_eval: dict[str, float] = field(default_factory=dict)  # example-weighted, from evaluate replies
 
@@ -74,6 +74,7 @@ class FedLoraStrategy(FedAvg):
         self.fingerprint = fingerprint
         self.extra_config = dict(extra_config or {})
         self.rounds: dict[int, RoundStats] = {}
+        self.spent: dict[int, float] = {}  # node -> latest epsilon it reported (cumulative)
 
     def summary(self) -> None:
         super().summary()
@@ -126,7 +127,9 @@ class FedLoraStrategy(FedAvg):
             stats.bytes_up += sum(wire.nbytes(r) for r in m.content.array_records.values())
             metrics = dict(next(iter(m.content.metric_records.values())))
             stats.client_metrics[m.metadata.src_node_id] = metrics
-            stats.epsilon = max(stats.epsilon, float(metrics.get("epsilon", 0.0)))
+            self.spent[m.metadata.src_node_id] = max(self.spent.get(m.metadata.src_node_id, 0.0), float(metrics.get("epsilon", 0.0)))
+        # Privacy spent so far: the max over every node that ever trained, not only this round's.
+        stats.epsilon = max(self.spent.values(), default=0.0)
         for failure in stats.failures:
             log.warning("round %d: %s", server_round, failure)
         if not good:
