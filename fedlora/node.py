@@ -39,6 +39,14 @@ def round_generator(seed: int, server_round: int, stream: int, purpose: int) -> 
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
+def _entropy_generator() -> torch.Generator:
+    """Seeded from OS entropy (std::random_device). torch's default generator
+    starts from a fixed seed in every fresh process, so it is not used for DP."""
+    g = torch.Generator()
+    g.seed()
+    return g
+
+
 @dataclass
 class NodeRuntime:
     run: RunConfig
@@ -173,9 +181,7 @@ def train_round(rt: NodeRuntime, arrays: ArrayRecord, server_round: int, ledger:
     # Simulation (research) runs are reproducible from (seed, round, partition);
     # a node with its own data samples batches from OS entropy, since subsampling
     # amplification assumes the sampler's randomness is secret.
-    sample_gen = torch.Generator() if rt.private else round_generator(run.seed, server_round, rt.stream, 0)
-    if rt.private:
-        sample_gen.seed()
+    sample_gen = _entropy_generator() if rt.private else round_generator(run.seed, server_round, rt.stream, 0)
 
     def progress(step: int, total: int, loss: float) -> None:
         log.info("%sstep %d/%d loss %.4f", progress_prefix, step, total, loss)
@@ -184,7 +190,7 @@ def train_round(rt: NodeRuntime, arrays: ArrayRecord, server_round: int, ledger:
         assert ledger is not None and rt.dp_model is not None
         ledger.check(cfg.local_steps)
         privacy.reset_per_sample_state(rt.dp_model)
-        noise_gen = None if rt.private else round_generator(run.seed, server_round, rt.stream, 1)
+        noise_gen = _entropy_generator() if rt.private else round_generator(run.seed, server_round, rt.stream, 1)
         expected = max(1, round(ledger.sample_rate * rt.num_examples))
         dp_opt = privacy.dp_optimizer(opt, ledger, run.dp.max_grad_norm, expected, noise_gen)
         batches = privacy.poisson_batches(rt.num_examples, ledger.sample_rate, cfg.local_steps, sample_gen)

@@ -151,8 +151,8 @@ def reset_per_sample_state(model: nn.Module) -> None:
 def dp_optimizer(optimizer: torch.optim.Optimizer, ledger: PrivacyLedger, max_grad_norm: float, expected_batch_size: int, generator: torch.Generator | None):
     """Clip each sample's gradient to ``max_grad_norm`` and add Gaussian noise.
 
-    A seeded ``generator`` makes research runs reproducible; ``None`` draws
-    noise from torch's default generator (use it for deployments)."""
+    A seeded ``generator`` makes research runs reproducible; deployments pass
+    one seeded from OS entropy (``node._entropy_generator``)."""
     from opacus.optimizers import DPOptimizer
 
     return DPOptimizer(

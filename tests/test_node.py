@@ -70,3 +70,24 @@ def test_a_node_never_trains_past_its_budget(run):
     with pytest.raises(BudgetExhausted):
         node.train_round(rt, arrays, 3, ledger)
     assert ledger.to_json() == before  # nothing spent by the refused round
+
+
+def test_simulation_rounds_are_reproducible_and_deployed_nodes_are_not(run, tmp_path):
+    import numpy as np
+
+    sim = node.get_runtime(run, {"partition-id": 0, "num-partitions": 3}, LABELS, train_lora_a=False)
+    start = wire.to_arrays(sim.model)
+    results = []
+    for _ in range(2):
+        arrays, _ = node.train_round(sim, start, 1, node.plan_ledger(sim))
+        results.append({k: v.numpy().copy() for k, v in arrays.items()})
+    assert all(np.array_equal(results[0][k], results[1][k]) for k in results[0])  # seeded: (seed, round, partition)
+
+    write_jsonl(tmp_path / "mine" / "train.jsonl", make_rows(40, seed=5))
+    dep = node.get_runtime(run, {"data-path": str(tmp_path / "mine")}, LABELS, train_lora_a=False)
+    start = wire.to_arrays(dep.model)
+    results = []
+    for _ in range(2):
+        arrays, _ = node.train_round(dep, start, 1, node.plan_ledger(dep))
+        results.append({k: v.numpy().copy() for k, v in arrays.items()})
+    assert not all(np.array_equal(results[0][k], results[1][k]) for k in results[0])  # OS entropy
