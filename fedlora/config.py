@@ -31,6 +31,8 @@ DEFAULTS: dict[str, Any] = {
     "fraction-train": 1.0,
     "fraction-evaluate": 0.0,
     "min-train-nodes": 2,
+    "min-replies": 1,
+    "validate.max-norm-ratio": 10.0,
     "local-steps": 10,
     "batch-size": 64,
     "optimizer": "sgd",
@@ -131,6 +133,8 @@ class RunConfig:
     fraction_train: float
     fraction_evaluate: float
     min_train_nodes: int
+    min_replies: int
+    max_norm_ratio: float  # 0 = no update-norm check
     seed: int
     model: str
     train_head: bool
@@ -266,6 +270,8 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         fraction_train=_float(cfg, "fraction-train", min_value=0, max_value=1, strict_min=True),
         fraction_evaluate=_float(cfg, "fraction-evaluate", min_value=0, max_value=1),
         min_train_nodes=_int(cfg, "min-train-nodes", min_value=1),
+        min_replies=_int(cfg, "min-replies", min_value=1),
+        max_norm_ratio=_float(cfg, "validate.max-norm-ratio", min_value=0),
         seed=_int(cfg, "seed", min_value=0),
         model=_str(cfg, "model", allow_empty=False),
         train_head=_bool(cfg, "train-head"),

@@ -138,7 +138,9 @@ class Experiment:
     def make_strategy(self) -> FedLoraStrategy:
         run = self.run
         self.strategy = self.method(
-            payload_keys=self.initial_arrays.keys(),
+            payload_shapes={k: tuple(v.shape) for k, v in self.initial_arrays.items()},
+            min_replies=run.min_replies,
+            max_norm_ratio=run.max_norm_ratio,
             fingerprint=self.fingerprint,
             extra_config=self.client_config(),
             fraction_train=run.fraction_train,

@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from .. import wire
+from .. import validation, wire
 
 log = logging.getLogger("fedlora")
 
@@ -58,19 +58,28 @@ class FedLoraStrategy(FedAvg):
     """FedAvg restricted to a method's payload.
 
     Subclasses set ``name`` and ``train_lora_a`` (whether LoRA A is trained
-    and therefore sent). The payload keys are fixed at start: a reply with
-    other keys is refused by name, which is how FFA-LoRA guarantees that no
-    A tensor is ever aggregated.
+    and therefore sent). The payload (keys and shapes) is fixed at start: a
+    reply with other tensors is refused, which is how FFA-LoRA guarantees that
+    no A tensor is ever aggregated. Every reply passes ``fedlora.validation``
+    first; a refused reply is logged with its node and reason, and the round
+    aggregates the rest if at least ``min_replies`` remain.
     """
 
     name = ""
     train_lora_a = True
     exact_aggregation = False  # mean of the factors == mean of the products?
 
-    def __init__(self, *, payload_keys: Iterable[str], fingerprint: str, extra_config: dict | None = None, **kwargs) -> None:
+    def __init__(
+        self, *, payload_shapes: dict[str, tuple[int, ...]], fingerprint: str, extra_config: dict | None = None,
+        min_replies: int = 1, max_norm_ratio: float = 0.0, **kwargs,
+    ) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", aggregate_train_metrics)
         super().__init__(**kwargs)
-        self.payload_keys = frozenset(payload_keys)
+        self.payload_shapes = {k: tuple(v) for k, v in payload_shapes.items()}
+        self.payload_keys = frozenset(self.payload_shapes)
+        self.min_replies = min_replies
+        self.max_norm_ratio = max_norm_ratio
+        self._sent: dict[int, tuple[set[int], dict]] = {}  # round -> (selected nodes, arrays sent)
         self.fingerprint = fingerprint
         self.extra_config = dict(extra_config or {})
         self.rounds: dict[int, RoundStats] = {}
@@ -93,6 +102,7 @@ class FedLoraStrategy(FedAvg):
         messages = list(super().configure_train(server_round, arrays, self._with_run_config(config), grid))
         stats.sampled = len(messages)
         stats.bytes_down = wire.nbytes(arrays) * len(messages)
+        self._sent = {server_round: ({m.metadata.dst_node_id for m in messages}, {k: v.numpy() for k, v in arrays.items()})}
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -101,37 +111,48 @@ class FedLoraStrategy(FedAvg):
             self.rounds[server_round].bytes_down += wire.nbytes(arrays) * len(messages)
         return messages
 
-    def _accept(self, msg: Message, stats: RoundStats) -> bool:
-        """Keep a reply only if it carries exactly this method's payload."""
-        node = msg.metadata.src_node_id
-        if msg.has_error():
-            stats.failures.append(f"node {node}: {msg.error.reason}")
-            return False
-        records = list(msg.content.array_records.values())
-        keys = set(records[0].keys()) if len(records) == 1 else None
-        if keys != self.payload_keys:
-            extra = sorted((keys or set()) - self.payload_keys)[:3]
-            missing = sorted(self.payload_keys - (keys or set()))[:3]
-            reason = f"payload does not match {self.name}'s (unexpected {extra}, missing {missing})"
-            stats.failures.append(f"node {node}: {reason}")
-            log.warning("round reply from node %d refused: %s", node, reason)
-            return False
-        return True
+    def _refuse(self, stats: RoundStats, node: int, reason: str) -> None:
+        stats.failures.append(f"node {node}: {reason}")
+
+    def _valid_replies(self, server_round: int, replies: list[Message], stats: RoundStats) -> list[Message]:
+        selected, sent = self._sent.get(server_round, (None, None))
+        good = []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                self._refuse(stats, node, msg.error.reason)
+            elif selected is not None and node not in selected:
+                self._refuse(stats, node, "not selected for this round")
+            elif reason := validation.check_reply(msg.content, self.payload_shapes):
+                self._refuse(stats, node, reason)
+            else:
+                good.append(msg)
+        if sent is not None:
+            norms = {m.metadata.src_node_id: validation.update_norm(m.content, sent) for m in good}
+            outliers = validation.norm_outliers(norms, self.max_norm_ratio)
+            for node, reason in outliers.items():
+                self._refuse(stats, node, reason)
+            good = [m for m in good if m.metadata.src_node_id not in outliers]
+        return good
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         stats = self.rounds.setdefault(server_round, RoundStats())
-        replies = list(replies)
-        good = [m for m in replies if self._accept(m, stats)]
+        good = self._valid_replies(server_round, list(replies), stats)
+        for failure in stats.failures:
+            log.warning("round %d: refused reply from %s", server_round, failure)
+        if len(good) < self.min_replies:
+            log.warning("round %d: %d valid replies, fewer than min-replies=%d: the global adapter is kept",
+                        server_round, len(good), self.min_replies)
+            good = []
         stats.replies = len(good)
         for m in good:
             stats.bytes_up += sum(wire.nbytes(r) for r in m.content.array_records.values())
             metrics = dict(next(iter(m.content.metric_records.values())))
             stats.client_metrics[m.metadata.src_node_id] = metrics
-            self.spent[m.metadata.src_node_id] = max(self.spent.get(m.metadata.src_node_id, 0.0), float(metrics.get("epsilon", 0.0)))
+            node = m.metadata.src_node_id
+            self.spent[node] = max(self.spent.get(node, 0.0), float(metrics.get("epsilon", 0.0)))
         # Privacy spent so far: the max over every node that ever trained, not only this round's.
         stats.epsilon = max(self.spent.values(), default=0.0)
-        for failure in stats.failures:
-            log.warning("round %d: %s", server_round, failure)
         if not good:
             return None, None
         return super().aggregate_train(server_round, good)

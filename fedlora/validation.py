@@ -1,0 +1,62 @@
+"""Server-side checks of a client's training reply, before aggregation.
+
+A federation spans machines the server does not control: a reply is used only
+if it has exactly the method's tensors with the expected shapes and dtype, all
+values finite, a positive integer example count, comes from a node selected
+this round, and its update is not far larger than the round's median. Each
+check returns a reason naming what failed; the strategy logs it with the node.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import numpy as np
+from flwr.app import RecordDict
+
+WEIGHT_KEY = "num-examples"
+MIN_REPLIES_FOR_NORM_CHECK = 3  # a median of fewer replies says little about outliers
+
+
+def check_reply(content: RecordDict, shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """None if the reply is well-formed, else the reason it is not."""
+    arrays, metrics = list(content.array_records.values()), list(content.metric_records.values())
+    if len(arrays) != 1 or len(metrics) != 1:
+        return f"expected one ArrayRecord and one MetricRecord, got {len(arrays)} and {len(metrics)}"
+    record, metric = arrays[0], metrics[0]
+    keys = set(record.keys())
+    if keys != set(shapes):
+        extra, missing = sorted(keys - set(shapes))[:3], sorted(set(shapes) - keys)[:3]
+        return f"payload keys differ from the method's (unexpected {extra}, missing {missing})"
+    for key, expected in shapes.items():
+        array = record[key]
+        if tuple(array.shape) != tuple(expected):
+            return f"{key} has shape {tuple(array.shape)}, expected {tuple(expected)}"
+        if array.dtype != "float32":
+            return f"{key} has dtype {array.dtype}, expected float32"
+        if not np.isfinite(array.numpy()).all():
+            return f"{key} has non-finite values"
+    n = metric.get(WEIGHT_KEY)
+    if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) or n != int(n) or n <= 0:
+        return f"'{WEIGHT_KEY}' must be a positive integer, got {n!r}"
+    return None
+
+
+def update_norm(content: RecordDict, sent: dict[str, np.ndarray]) -> float:
+    """L2 norm of (reply - what the server sent), over all tensors."""
+    record = next(iter(content.array_records.values()))
+    return math.sqrt(sum(float(np.sum((record[k].numpy().astype(np.float64) - v) ** 2)) for k, v in sent.items()))
+
+
+def norm_outliers(norms: dict[int, float], max_ratio: float) -> dict[int, str]:
+    """Nodes whose update norm exceeds ``max_ratio`` x the round's median."""
+    if max_ratio <= 0 or len(norms) < MIN_REPLIES_FOR_NORM_CHECK:
+        return {}
+    median = statistics.median(norms.values())
+    bound = max_ratio * median
+    return {
+        node: f"update norm {norm:.4g} is above {max_ratio:g} x the round median {median:.4g}"
+        for node, norm in norms.items()
+        if norm > bound
+    }

@@ -1,0 +1,107 @@
+"""Server-side validation of client updates: one test per check."""
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from fedlora.strategies import FfaLoraStrategy
+
+D, R = 6, 2
+KB = "layer.lora_B.default.weight"
+GLOBAL = np.zeros((D, R), np.float32)
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+
+
+class Grid:
+    """The part of Flower's Grid that configure_train uses."""
+
+    def __init__(self, nodes):
+        self.nodes = list(nodes)
+
+    def get_node_ids(self):
+        return self.nodes
+
+
+def _round(strategy, nodes=(1, 2, 3, 4, 5)):
+    """Configure round 1 for ``nodes``; return the messages sent, by node."""
+    msgs = strategy.configure_train(1, ArrayRecord({KB: Array(GLOBAL)}), ConfigRecord(), Grid(nodes))
+    return {m.metadata.dst_node_id: m for m in msgs}
+
+
+def _reply(request, arrays=None, metrics=None):
+    arrays = {KB: np.full((D, R), 0.1, np.float32)} if arrays is None else arrays
+    metrics = {"num-examples": 10, "epsilon": 1.0} if metrics is None else metrics
+    return Message(
+        RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}), "metrics": MetricRecord(metrics)}),
+        reply_to=request,
+    )
+
+
+def _aggregate(strategy, replies):
+    arrays, _ = strategy.aggregate_train(1, replies)
+    return arrays, strategy.rounds[1]
+
+
+def _strategy(**kw):
+    return FfaLoraStrategy(payload_shapes={KB: (D, R)}, fingerprint="x", min_train_nodes=1, min_available_nodes=1, **kw)
+
+
+@pytest.mark.parametrize(
+    "bad,fragment",
+    [
+        ({"arrays": {KB: np.zeros((R, D), np.float32)}}, "has shape (2, 6), expected (6, 2)"),
+        ({"arrays": {KB: np.zeros((D, R), np.float64)}}, "dtype float64"),
+        ({"arrays": {KB: np.full((D, R), np.nan, np.float32)}}, "non-finite"),
+        ({"arrays": {KB: np.full((D, R), np.inf, np.float32)}}, "non-finite"),
+        ({"arrays": {"other.weight": np.zeros((D, R), np.float32)}}, "payload keys differ"),
+        ({"metrics": {"num-examples": 0, "epsilon": 1.0}}, "positive integer"),
+        ({"metrics": {"num-examples": 2.5, "epsilon": 1.0}}, "positive integer"),
+        ({"metrics": {"num-examples": -3, "epsilon": 1.0}}, "positive integer"),
+        ({"metrics": {"epsilon": 1.0}}, "positive integer"),
+    ],
+)
+def test_malformed_reply_is_excluded_with_node_and_reason(bad, fragment):
+    s = _strategy()
+    sent = _round(s, nodes=(1, 2))
+    arrays, stats = _aggregate(s, [_reply(sent[1]), _reply(sent[2], **bad)])
+    assert stats.replies == 1 and len(stats.failures) == 1
+    assert stats.failures[0].startswith("node 2:") and fragment in stats.failures[0]
+    np.testing.assert_allclose(arrays[KB].numpy(), 0.1)  # only node 1's update
+
+
+def test_reply_from_a_node_not_selected_this_round_is_excluded():
+    s = _strategy()
+    sent = _round(s, nodes=(1, 2))
+    stranger = Message(RecordDict({}), dst_node_id=99, message_type="train")
+    _, stats = _aggregate(s, [_reply(sent[1]), _reply(sent[2]), _reply(stranger)])
+    assert stats.replies == 2 and stats.failures == ["node 99: not selected for this round"]
+
+
+def test_update_norm_far_above_the_median_is_excluded():
+    s = _strategy(max_norm_ratio=10.0)
+    sent = _round(s)
+    replies = [_reply(sent[n]) for n in (1, 2, 3, 4)] + [_reply(sent[5], arrays={KB: np.full((D, R), 100.0, np.float32)})]
+    arrays, stats = _aggregate(s, replies)
+    assert stats.replies == 4 and len(stats.failures) == 1
+    assert stats.failures[0].startswith("node 5:") and "median" in stats.failures[0]
+    np.testing.assert_allclose(arrays[KB].numpy(), 0.1)
+    # With the check off, the same round is dragged away by the outlier.
+    s = _strategy(max_norm_ratio=0.0)
+    sent = _round(s)
+    replies = [_reply(sent[n]) for n in (1, 2, 3, 4)] + [_reply(sent[5], arrays={KB: np.full((D, R), 100.0, np.float32)})]
+    arrays, stats = _aggregate(s, replies)
+    assert stats.replies == 5 and arrays[KB].numpy().max() > 10
+
+
+def test_too_few_valid_replies_keep_the_global_adapter():
+    s = _strategy(min_replies=2)
+    sent = _round(s, nodes=(1, 2))
+    arrays, stats = _aggregate(s, [_reply(sent[1]), _reply(sent[2], arrays={KB: np.full((D, R), np.nan, np.float32)})])
+    assert arrays is None and stats.replies == 0 and len(stats.failures) == 1
