@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 STRATEGIES = ("lora", "ffa-lora")
 PARTITION_METHODS = ("iid", "dirichlet", "pathological")
+AGGREGATIONS = ("mean", "median", "trimmed-mean")
 OPTIMIZERS = ("sgd", "adamw")
 
 # The GLUE SST-2 default: looked up locally, then on the hub, then (only for
@@ -32,7 +33,11 @@ DEFAULTS: dict[str, Any] = {
     "fraction-evaluate": 0.0,
     "min-train-nodes": 2,
     "min-replies": 1,
+    "round-timeout": 3600.0,
     "validate.max-norm-ratio": 10.0,
+    "aggregation.method": "mean",
+    "aggregation.trim-fraction": 0.2,
+    "aggregation.clip-norm": 0.0,
     "local-steps": 10,
     "batch-size": 64,
     "optimizer": "sgd",
@@ -134,7 +139,11 @@ class RunConfig:
     fraction_evaluate: float
     min_train_nodes: int
     min_replies: int
+    round_timeout: float  # seconds the server waits for a round's replies
     max_norm_ratio: float  # 0 = no update-norm check
+    aggregation: str
+    trim_fraction: float
+    clip_norm: float  # 0 = client updates are not clipped
     seed: int
     model: str
     train_head: bool
@@ -271,7 +280,11 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         fraction_evaluate=_float(cfg, "fraction-evaluate", min_value=0, max_value=1),
         min_train_nodes=_int(cfg, "min-train-nodes", min_value=1),
         min_replies=_int(cfg, "min-replies", min_value=1),
+        round_timeout=_float(cfg, "round-timeout", min_value=0, strict_min=True),
         max_norm_ratio=_float(cfg, "validate.max-norm-ratio", min_value=0),
+        aggregation=_str(cfg, "aggregation.method", choices=AGGREGATIONS),
+        trim_fraction=_float(cfg, "aggregation.trim-fraction", min_value=0, max_value=0.49),
+        clip_norm=_float(cfg, "aggregation.clip-norm", min_value=0),
         seed=_int(cfg, "seed", min_value=0),
         model=_str(cfg, "model", allow_empty=False),
         train_head=_bool(cfg, "train-head"),

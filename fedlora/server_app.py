@@ -22,6 +22,7 @@ def main(grid: Grid, context: Context) -> None:
         grid=grid,
         initial_arrays=exp.initial_arrays,
         num_rounds=run.num_server_rounds,
+        timeout=run.round_timeout,
         train_config=ConfigRecord(),
         evaluate_config=ConfigRecord(),
         evaluate_fn=exp.evaluate_round,

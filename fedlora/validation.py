@@ -13,7 +13,7 @@ import math
 import statistics
 
 import numpy as np
-from flwr.app import RecordDict
+from flwr.app import Array, RecordDict
 
 WEIGHT_KEY = "num-examples"
 MIN_REPLIES_FOR_NORM_CHECK = 3  # a median of fewer replies says little about outliers
@@ -60,3 +60,17 @@ def norm_outliers(norms: dict[int, float], max_ratio: float) -> dict[int, str]:
         for node, norm in norms.items()
         if norm > bound
     }
+
+
+def clip_update(content: RecordDict, sent: dict[str, np.ndarray], clip_norm: float) -> float:
+    """Scale the reply's update (reply - sent) to L2 norm <= ``clip_norm``, in
+    place; return the factor applied (1.0 when within the bound)."""
+    record = next(iter(content.array_records.values()))
+    norm = update_norm(content, sent)
+    if norm <= clip_norm:
+        return 1.0
+    scale = clip_norm / norm
+    for key, base in sent.items():
+        value = base + (record[key].numpy() - base) * scale
+        record[key] = Array(value.astype(np.float32))
+    return scale

@@ -105,3 +105,33 @@ def test_too_few_valid_replies_keep_the_global_adapter():
     sent = _round(s, nodes=(1, 2))
     arrays, stats = _aggregate(s, [_reply(sent[1]), _reply(sent[2], arrays={KB: np.full((D, R), np.nan, np.float32)})])
     assert arrays is None and stats.replies == 0 and len(stats.failures) == 1
+
+
+# -- robust aggregation: 1 of 5 clients hostile -------------------------------------
+
+HONEST = [np.full((D, R), v, np.float32) for v in (0.9, 1.0, 1.1, 1.0, 0.95)][:4]
+
+
+def _attack_distance(attack: str, **kw) -> float:
+    """Distance of the aggregate from the honest clients' mean, with node 5 attacking."""
+    s = _strategy(max_norm_ratio=0.0, **kw)  # validation off: measure the aggregator alone
+    sent = _round(s)
+    honest_mean = np.mean(HONEST, axis=0)
+    hostile = honest_mean * 100 if attack == "scaled" else -honest_mean
+    replies = [_reply(sent[n], arrays={KB: HONEST[n - 1]}) for n in (1, 2, 3, 4)]
+    replies.append(_reply(sent[5], arrays={KB: hostile.astype(np.float32)}))
+    arrays, _ = _aggregate(s, replies)
+    return float(np.linalg.norm(arrays[KB].numpy() - honest_mean) / np.linalg.norm(honest_mean))
+
+
+@pytest.mark.parametrize("attack", ["scaled", "sign-flipped"])
+def test_robust_aggregation_resists_one_hostile_client_where_mean_does_not(attack):
+    mean = _attack_distance(attack)
+    median = _attack_distance(attack, aggregation="median")
+    trimmed = _attack_distance(attack, aggregation="trimmed-mean", trim_fraction=0.2)
+    clipped = _attack_distance(attack, clip_norm=float(np.linalg.norm(np.mean(HONEST, axis=0))) * 1.2)
+    print(f"{attack}: relative distance to the honest mean — mean {mean:.3f}, median {median:.3f}, trimmed {trimmed:.3f}, clipped mean {clipped:.3f}")
+    assert mean > 0.35  # plain averaging is dragged away
+    assert median < 0.06 and trimmed < 0.06
+    if attack == "scaled":
+        assert clipped < 0.1  # clipping bounds a large update's pull

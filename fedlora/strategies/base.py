@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 
 from .. import validation, wire
+from ..config import AGGREGATIONS
 
 log = logging.getLogger("fedlora")
 
@@ -71,10 +72,23 @@ class FedLoraStrategy(FedAvg):
 
     def __init__(
         self, *, payload_shapes: dict[str, tuple[int, ...]], fingerprint: str, extra_config: dict | None = None,
-        min_replies: int = 1, max_norm_ratio: float = 0.0, **kwargs,
+        min_replies: int = 1, max_norm_ratio: float = 0.0,
+        aggregation: str = "mean", trim_fraction: float = 0.2, clip_norm: float = 0.0, **kwargs,
     ) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", aggregate_train_metrics)
         super().__init__(**kwargs)
+        # Robust options reuse Flower's own aggregators on the validated replies:
+        # coordinate-wise median (FedMedian) or trimmed mean (FedTrimmedAvg), unweighted.
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+        metric_fn = kwargs["train_metrics_aggr_fn"]
+        self.aggregation = aggregation
+        self._robust: FedAvg | None = None
+        if aggregation == "median":
+            self._robust = FedMedian(train_metrics_aggr_fn=metric_fn)
+        elif aggregation == "trimmed-mean":
+            self._robust = FedTrimmedAvg(beta=trim_fraction, train_metrics_aggr_fn=metric_fn)
+        self.clip_norm = clip_norm
         self.payload_shapes = {k: tuple(v) for k, v in payload_shapes.items()}
         self.payload_keys = frozenset(self.payload_shapes)
         self.min_replies = min_replies
@@ -155,6 +169,12 @@ class FedLoraStrategy(FedAvg):
         stats.epsilon = max(self.spent.values(), default=0.0)
         if not good:
             return None, None
+        if self.clip_norm > 0 and (sent := self._sent.get(server_round, (None, None))[1]) is not None:
+            for m in good:
+                if (scale := validation.clip_update(m.content, sent, self.clip_norm)) < 1:
+                    log.info("round %d: node %d's update clipped (x%.3g)", server_round, m.metadata.src_node_id, scale)
+        if self._robust is not None:
+            return self._robust.aggregate_train(server_round, good)
         return super().aggregate_train(server_round, good)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
