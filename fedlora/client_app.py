@@ -11,7 +11,6 @@ from flwr.clientapp import ClientApp
 from . import node
 from .config import parse_run_config
 from .logs import setup_logging
-from .privacy import PrivacyLedger
 from .strategies import get_strategy
 from .strategies.base import FINGERPRINT_KEY, STRATEGY_KEY
 
@@ -37,14 +36,18 @@ def train(msg: Message, context: Context) -> Message:
     rt, config = _runtime(msg, context)
     ledger = None
     if rt.run.dp.enabled:
+        # Keyed by the run (survives a resumed run) and this node's identity.
+        node_key = str(context.node_config.get("partition-id", context.node_config.get("data-path", context.node_id)))
+        path = node.ledger_path(rt, str(config["run-key"]), node_key)
         record = context.state.config_records.get(LEDGER_RECORD)
-        ledger = PrivacyLedger.from_json(str(record["ledger"])) if record else node.plan_ledger(rt)
+        ledger = node.load_ledger(path, str(record["ledger"]) if record else None) or node.plan_ledger(rt)
     server_round = int(config["server-round"])
     arrays, metrics = node.train_round(
         rt, msg.content["arrays"], server_round, ledger,
         progress_prefix=f"[node {context.node_config.get('partition-id', context.node_id)} round {server_round}] ",
     )
     if ledger is not None:
+        node.save_ledger(path, ledger)
         context.state[LEDGER_RECORD] = ConfigRecord({"ledger": ledger.to_json()})
         metrics["noise-multiplier"] = ledger.noise_multiplier
     metrics["client-seconds"] = time.perf_counter() - start

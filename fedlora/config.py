@@ -67,6 +67,7 @@ DEFAULTS: dict[str, Any] = {
     "local-eval-fraction": 0.1,
     "output-dir": "outputs",
     "run-name": "",
+    "resume": False,
     "cache-dir": "",
 }
 
@@ -149,6 +150,7 @@ class RunConfig:
     train_head: bool
     output_dir: str
     run_name: str
+    resume: bool
     cache_dir: str
     lora: LoraConfig
     dp: DPConfig
@@ -290,6 +292,7 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         train_head=_bool(cfg, "train-head"),
         output_dir=_str(cfg, "output-dir", allow_empty=False),
         run_name=_str(cfg, "run-name"),
+        resume=_bool(cfg, "resume"),
         cache_dir=_str(cfg, "cache-dir"),
         lora=lora,
         dp=dp,

@@ -231,6 +231,8 @@ def load_task(data: DataConfig, *, label_names: tuple[str, ...] | None = None) -
         data = DataConfig(**{**data.__dict__, "text_columns": ("text",), "label_column": LABEL})
     check_columns(splits["train"], data, f"the {data.train_split} split of {source}")
     names = label_names or label_names_of(splits["train"], data.label_column)
+    if len(names) < 2:
+        raise ConfigError("label-column", data.label_column, f"needs at least two classes, the {data.train_split} split has only {list(names)}")
     train = normalise(splits["train"], data, names, f"the {data.train_split} split of {source}")
     evals = normalise(splits["eval"], data, names, f"the {data.eval_split} split of {source}")
     return Task(train, evals, names, data.text_columns, source, synth)
@@ -266,7 +268,10 @@ def partition(ds: datasets.Dataset, cfg: PartitionConfig, partition_id: int, num
             num_classes_per_partition=cfg.classes_per_client, class_assignment_mode="deterministic", seed=seed,
         )
     p.dataset = ds
-    part = p.load_partition(partition_id)
+    try:
+        part = p.load_partition(partition_id)
+    except (IndexError, ValueError) as e:  # e.g. more partitions than examples
+        raise ConfigError("partition.method", cfg.method, f"cannot build partition {partition_id} of {num_partitions} from {len(ds)} examples: {e}") from e
     if len(part) == 0:
         raise ConfigError("partition.method", cfg.method, f"partition {partition_id} of {num_partitions} is empty")
     return part

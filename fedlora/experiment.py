@@ -8,16 +8,19 @@ global model, centralised evaluation, and the run's outputs.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import platform
 import time
+import uuid
 from collections import Counter
 from importlib import metadata
 from typing import Any
 
-from flwr.app import ArrayRecord, MetricRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord, MetricRecord
 
 from . import data as data_mod
 from . import wire
@@ -47,6 +50,27 @@ def _versions() -> dict[str, str]:
     return out
 
 
+CHECKPOINT = "checkpoint.json"
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def latest_checkpointed_run(parent: str, run_name: str = "") -> str | None:
+    """The run to resume: ``run_name`` if given, else the newest checkpointed run in ``parent``."""
+    if not os.path.isdir(parent):
+        return None
+    names = [run_name] if run_name else os.listdir(parent)
+    runs = [os.path.join(parent, n) for n in names if os.path.isfile(os.path.join(parent, n, CHECKPOINT))]
+    return max(runs, key=lambda d: os.path.getmtime(os.path.join(d, CHECKPOINT)), default=None)
+
+
 def _unique_dir(parent: str, name: str) -> str:
     path, i = os.path.join(parent, name), 2
     while os.path.exists(path):
@@ -62,8 +86,6 @@ class Experiment:
         self.method = get_strategy(run.strategy)
         # Load and check everything a run needs before any node trains.
         self.task = data_mod.load_task(run.data)
-        if self.task.num_labels < 2:
-            raise ConfigError("label-column", run.data.label_column, f"needs at least two classes, found {list(self.task.label_names)}")
         if run.partition.method == "pathological" and run.partition.classes_per_client > self.task.num_labels:
             raise ConfigError("partition.classes-per-client", run.partition.classes_per_client, f"exceeds the {self.task.num_labels} classes")
         self.partition_sizes = [
@@ -90,16 +112,30 @@ class Experiment:
         self.initial_arrays = wire.to_arrays(self.model)
         self.fingerprint = wire.fingerprint(self.model)
         self.final_arrays = self.initial_arrays
-        self.round_started = time.perf_counter()
         self.strategy: FedLoraStrategy | None = None
 
-        name = run.run_name or "-".join([
-            run.strategy, f"eps{run.dp.epsilon:g}" if run.dp.enabled else "nodp",
-            run.partition.method, time.strftime("%Y%m%d-%H%M%S"),
-        ])
-        self.dir = _unique_dir(os.path.abspath(os.path.expanduser(run.output_dir)), name)
-        os.makedirs(self.dir)
+        self.start_round = 1  # the first round this process runs
+        self.resumed_spent: dict[int, float] = {}
+        parent = os.path.abspath(os.path.expanduser(run.output_dir))
+        previous = latest_checkpointed_run(parent, run.run_name) if run.resume else None
+        if previous:
+            self._resume_from(previous)
+            name = os.path.basename(previous)
+        else:
+            if run.resume:
+                log.warning("resume=true but no checkpointed run in %s: starting a new run", parent)
+            name = run.run_name or "-".join([
+                run.strategy, f"eps{run.dp.epsilon:g}" if run.dp.enabled else "nodp",
+                run.partition.method, time.strftime("%Y%m%d-%H%M%S"),
+            ])
+            self.dir = _unique_dir(parent, name)
+            os.makedirs(self.dir)
+            # Identifies the run to nodes across restarts: keys their privacy ledgers.
+            self.run_key = uuid.uuid4().hex
         self.metrics_path = os.path.join(self.dir, "metrics.jsonl")
+        if previous:
+            log.info("resuming %s after round %d", self.dir, self.start_round - 1)
+            return
         trainable, total = count_parameters(self.model)
         self._write_json("config.json", {
             "run-config": run.raw,
@@ -116,6 +152,7 @@ class Experiment:
             "model": {"path": resolve_model(run.model), "trainable-parameters": trainable, "parameters": total},
             "payload": {"tensors": sorted(self.initial_arrays.keys()), "bytes": wire.nbytes(self.initial_arrays)},
             "shared-fingerprint": self.fingerprint,
+            "run-key": self.run_key,
             "dp": {"noise-multipliers (simulated partitions)": self.noise_multipliers, "accountant": "rdp"},
             "versions": _versions(),
         })
@@ -128,12 +165,46 @@ class Experiment:
         )
 
     def _write_json(self, name: str, obj: Any) -> None:
-        with open(os.path.join(self.dir, name), "w") as f:
-            json.dump(obj, f, indent=2, default=str)
+        _atomic_write(os.path.join(self.dir, name), json.dumps(obj, indent=2, default=str).encode())
+
+    def _resume_from(self, run_dir: str) -> None:
+        """Continue ``run_dir`` from its last complete round."""
+        config = json.load(open(os.path.join(run_dir, "config.json")))
+        mine = {k: v for k, v in self.run.to_dict().items() if k not in ("resume", "run_name")}
+        theirs = {k: v for k, v in config["resolved"].items() if k not in ("resume", "run_name")}
+        theirs = json.loads(json.dumps(theirs))  # tuples were written as lists
+        if json.loads(json.dumps(mine)) != theirs:
+            diff = sorted(k for k in set(mine) | set(theirs) if json.loads(json.dumps(mine.get(k))) != theirs.get(k))
+            raise ConfigError("resume", True, f"the run in {run_dir} was started with a different config ({', '.join(diff)})")
+        if config["shared-fingerprint"] != self.fingerprint:
+            raise ConfigError("resume", True, f"the run in {run_dir} has a different shared init (fingerprint)")
+        ckpt = json.load(open(os.path.join(run_dir, CHECKPOINT)))
+        with np.load(os.path.join(run_dir, ckpt["arrays"])) as npz:
+            arrays = ArrayRecord({k: Array(npz[k]) for k in npz.files})
+        self.dir, self.run_key = run_dir, config["run-key"]
+        self.initial_arrays = self.final_arrays = arrays
+        self.start_round = int(ckpt["round"]) + 1
+        self.resumed_spent = {int(k): float(v) for k, v in ckpt.get("spent", {}).items()}
+        # Metrics written after the checkpoint (a round that did not complete) are dropped.
+        path = os.path.join(run_dir, "metrics.jsonl")
+        rows = [line for line in open(path) if json.loads(line)["round"] <= ckpt["round"]] if os.path.exists(path) else []
+        _atomic_write(path, "".join(rows).encode())
+
+    def checkpoint(self, server_round: int) -> None:
+        """Global adapter, round and strategy state, written atomically after each round."""
+        name = f"checkpoint-round{server_round}.npz"
+        buf = io.BytesIO()
+        np.savez(buf, **{k: v.numpy() for k, v in self.final_arrays.items()})
+        _atomic_write(os.path.join(self.dir, name), buf.getvalue())
+        spent = self.strategy.spent if self.strategy else {}
+        _atomic_write(os.path.join(self.dir, CHECKPOINT), json.dumps({"round": server_round, "arrays": name, "spent": spent}).encode())
+        for old in os.listdir(self.dir):  # keep only the checkpoint just written
+            if old.startswith("checkpoint-round") and old != name:
+                os.remove(os.path.join(self.dir, old))
 
     def client_config(self) -> dict[str, Any]:
         """Sent with every message: what a node needs that its own run config cannot tell it."""
-        return {"label-names": list(self.task.label_names)}
+        return {"label-names": list(self.task.label_names), "run-key": self.run_key}
 
     def make_strategy(self) -> FedLoraStrategy:
         run = self.run
@@ -152,6 +223,7 @@ class Experiment:
             min_evaluate_nodes=min(run.min_train_nodes, run.partition.num_partitions) if run.fraction_evaluate > 0 else 0,
             min_available_nodes=run.partition.num_partitions,
         )
+        self.strategy.spent.update(self.resumed_spent)
         return self.strategy
 
     def evaluate_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -183,6 +255,8 @@ class Experiment:
             })
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        if stats:
+            self.checkpoint(server_round)
         eps = f"eps {row['epsilon']:.3f}/{self.run.dp.epsilon:g}" if self.run.dp.enabled else "non-private"
         if stats:
             log.info(

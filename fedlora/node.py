@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -182,6 +183,10 @@ def train_round(rt: NodeRuntime, arrays: ArrayRecord, server_round: int, ledger:
     # a node with its own data samples batches from OS entropy, since subsampling
     # amplification assumes the sampler's randomness is secret.
     sample_gen = _entropy_generator() if rt.private else round_generator(run.seed, server_round, rt.stream, 0)
+    if not rt.private:
+        # Dropout draws from torch's global generator: reseed it per (round, node)
+        # so a round does not depend on what this process ran before.
+        torch.manual_seed(int(round_generator(run.seed, server_round, rt.stream, 2).initial_seed()))
 
     def progress(step: int, total: int, loss: float) -> None:
         log.info("%sstep %d/%d loss %.4f", progress_prefix, step, total, loss)
@@ -222,6 +227,34 @@ def evaluate_round(rt: NodeRuntime, arrays: ArrayRecord) -> dict[str, Any]:
     wire.load_arrays(rt.model, arrays)
     loss, acc = training.evaluate(rt.model, rt.eval_data, rt.run.train.eval_batch_size)
     return {"num-examples": len(rt.eval_data), "loss": loss, "accuracy": acc}
+
+
+def ledger_path(rt: NodeRuntime, run_key: str, node_key: str) -> str:
+    """The node's privacy ledger for a run, in the node's state directory."""
+    safe = hashlib.sha256(f"{run_key}/{node_key}".encode()).hexdigest()[:32]
+    return os.path.join(cache_dir(rt.run), "ledgers", f"{safe}.json")
+
+
+def load_ledger(path: str, in_state: str | None) -> privacy.PrivacyLedger | None:
+    """The ledger that has spent the most, from disk or the node's Flower state:
+    a restarted node or a resumed run never under-counts what was spent."""
+    found = []
+    if os.path.exists(path):
+        with open(path) as f:
+            found.append(privacy.PrivacyLedger.from_json(f.read()))
+    if in_state:
+        found.append(privacy.PrivacyLedger.from_json(in_state))
+    return max(found, key=lambda ledger: ledger.steps_spent, default=None)
+
+
+def save_ledger(path: str, ledger: privacy.PrivacyLedger) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(ledger.to_json())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # atomic: a crash leaves the old ledger or the new one
 
 
 def plan_ledger(rt: NodeRuntime) -> privacy.PrivacyLedger:

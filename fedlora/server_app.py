@@ -2,14 +2,40 @@
 
 from __future__ import annotations
 
+import logging
+
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from .config import parse_run_config
 from .experiment import Experiment
 from .logs import setup_logging
+from .strategies import FedLoraStrategy
 
 app = ServerApp()
+log = logging.getLogger("fedlora")
+
+
+def run_rounds(strategy: FedLoraStrategy, grid: Grid, exp: Experiment) -> None:
+    """Flower's ``Strategy.start`` loop, from ``exp.start_round`` (a resumed run
+    continues after its last checkpoint; round numbers seed the nodes'
+    randomness, so they must be the true ones)."""
+    run = exp.run
+    strategy.summary()
+    arrays = exp.initial_arrays
+    if exp.start_round == 1:
+        exp.evaluate_round(0, arrays)
+    for server_round in range(exp.start_round, run.num_server_rounds + 1):
+        replies = grid.send_and_receive(
+            messages=strategy.configure_train(server_round, arrays, ConfigRecord(), grid), timeout=run.round_timeout
+        )
+        new_arrays, _ = strategy.aggregate_train(server_round, replies)
+        if new_arrays is not None:
+            arrays = new_arrays
+        messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid)
+        if messages:
+            strategy.aggregate_evaluate(server_round, grid.send_and_receive(messages=messages, timeout=run.round_timeout))
+        exp.evaluate_round(server_round, arrays)  # also writes metrics and the checkpoint
 
 
 @app.main()
@@ -17,14 +43,5 @@ def main(grid: Grid, context: Context) -> None:
     setup_logging()
     run = parse_run_config(context.run_config)
     exp = Experiment(run, run_id=context.run_id)
-    strategy = exp.make_strategy()
-    strategy.start(
-        grid=grid,
-        initial_arrays=exp.initial_arrays,
-        num_rounds=run.num_server_rounds,
-        timeout=run.round_timeout,
-        train_config=ConfigRecord(),
-        evaluate_config=ConfigRecord(),
-        evaluate_fn=exp.evaluate_round,
-    )
+    run_rounds(exp.make_strategy(), grid, exp)
     exp.finish()

@@ -153,3 +153,28 @@ def test_token_cache_round_trip(tmp_path, task_dir):
         assert (first.tensors[k] == second.tensors[k]).all()
     batch = first.batch([0, 1, 2])
     assert batch["input_ids"].shape[1] == int(first.tensors["attention_mask"][[0, 1, 2]].sum(1).max())
+
+
+def test_a_dataset_with_one_class_is_refused(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", [{"text": f"t{i}", "label": 0} for i in range(10)])
+    with pytest.raises(ConfigError, match="at least two classes") as e:
+        data_mod.load_task(_cfg(dataset=str(tmp_path)).data)
+    assert e.value.key == "label-column"
+
+
+def test_an_empty_partition_is_refused():
+    ds = datasets.Dataset.from_list([{"text": f"t{i}", "label": i % 2} for i in range(3)])
+    p = _cfg(**{"num-partitions": 5}).partition
+    with pytest.raises(ConfigError, match="partition 3 of 5") as e:
+        for i in range(5):
+            data_mod.partition(ds, p, i, 5, seed=0)
+    assert e.value.key == "partition.method"
+
+
+def test_empty_and_overlong_texts_are_handled(task_dir):
+    # Documented handling: empty text becomes [CLS] [SEP]; longer text is truncated to max-length.
+    run = _cfg(dataset=task_dir)
+    ds = datasets.Dataset.from_list([{"text": "", "label": 0}, {"text": "word " * 500, "label": 1}])
+    enc = data_mod.encode(ds, load_tokenizer(run.model), ("text",), 32)
+    lengths = enc.tensors["attention_mask"].sum(1).tolist()
+    assert lengths == [2, 32] and enc.tensors["input_ids"].shape == (2, 32)

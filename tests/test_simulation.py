@@ -94,3 +94,39 @@ def test_ffa_lora_uploads_exactly_half_of_lora_with_head_frozen(tmp_path, e2e_ta
         up[strategy] = rows[1]["bytes_up"]
         assert rows[1]["bytes_down"] == up[strategy]  # 2 nodes down, 2 nodes up, same payload
     assert up["ffa-lora"] / up["lora"] == 0.5
+
+
+def test_resumed_run_ends_exactly_where_an_uninterrupted_run_ends(tmp_path, e2e_task, monkeypatch):
+    from safetensors.numpy import load_file
+
+    from fedlora import experiment
+    from fedlora.simulation import simulate
+
+    settings = {"strategy": "ffa-lora", "dp.epsilon": 3.0, "train-head": True, "local-steps": 4, **METHOD["ffa-lora"]}
+    straight_dir, straight = _run(tmp_path / "straight", e2e_task, **settings)
+
+    # The same run, interrupted after round 2's checkpoint ...
+    original = experiment.Experiment.checkpoint
+
+    def crash_after_round_2(self, server_round):
+        original(self, server_round)
+        if server_round == 2:
+            raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(experiment.Experiment, "checkpoint", crash_after_round_2)
+    with pytest.raises(Exception, match="interrupted"):
+        _run(tmp_path / "resumed", e2e_task, **settings)
+    monkeypatch.undo()
+    # ... then started again with resume=true and the same output-dir.
+    resumed_dir, resumed = _run(tmp_path / "resumed", e2e_task, resume=True, **settings)
+
+    assert [r["round"] for r in resumed] == [0, 1, 2, 3]
+    for a, b in zip(straight, resumed):
+        assert a["accuracy"] == b["accuracy"] and a["loss"] == b["loss"]
+    # The privacy ledger survived the restart: the spent epsilon continues, not restarts.
+    assert resumed[3]["epsilon"] == pytest.approx(straight[3]["epsilon"], rel=1e-12)
+    a = load_file(os.path.join(straight_dir, "adapter", "adapter_model.safetensors"))
+    b = load_file(os.path.join(resumed_dir, "adapter", "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] == b[k]).all(), k

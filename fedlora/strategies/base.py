@@ -3,6 +3,7 @@ sends, with byte counting, a shared-init fingerprint, and per-round stats."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Iterable
@@ -53,6 +54,15 @@ def aggregate_train_metrics(records: list[RecordDict], weight_key: str) -> Metri
                 out[k] = out.get(k, 0.0) + w * float(v)
     out[weight_key] = total
     return MetricRecord(out)
+
+
+def _content_digest(msg: Message) -> str:
+    h = hashlib.sha256()
+    record = next(iter(msg.content.array_records.values()))
+    for key in sorted(record.keys()):
+        h.update(key.encode())
+        h.update(record[key].data)
+    return h.hexdigest()
 
 
 class FedLoraStrategy(FedAvg):
@@ -147,7 +157,9 @@ class FedLoraStrategy(FedAvg):
             for node, reason in outliers.items():
                 self._refuse(stats, node, reason)
             good = [m for m in good if m.metadata.src_node_id not in outliers]
-        return good
+        # A fixed order, by content: float sums then do not depend on arrival
+        # order, so a resumed seeded run ends exactly where an uninterrupted one does.
+        return sorted(good, key=_content_digest)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         stats = self.rounds.setdefault(server_round, RoundStats())
