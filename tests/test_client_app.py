@@ -1,0 +1,51 @@
+"""The ClientApp's Flower glue, called directly with a hand-built Message and Context."""
+
+import pytest
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+from fedlora import client_app, node, wire
+from fedlora.config import parse_run_config
+from fedlora.model import build_model
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+
+
+def _setup(tiny_model_dir, task_dir, tmp_path, fingerprint=None):
+    run_config = {"model": tiny_model_dir, "dataset": task_dir, "cache-dir": str(tmp_path), "local-steps": 2,
+                  "batch-size": 8, "num-server-rounds": 1, "dp.epsilon": 2.0}
+    server_model = build_model(parse_run_config(run_config), 2, train_lora_a=False)
+    config = ConfigRecord({
+        "strategy": "ffa-lora", "shared-fingerprint": fingerprint or wire.fingerprint(server_model),
+        "label-names": ["0", "1"], "run-key": "run-1", "server-round": 1,
+    })
+    msg = Message(RecordDict({"arrays": wire.to_arrays(server_model), "config": config}), dst_node_id=7, message_type="train")
+    ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(), run_config=run_config)
+    return msg, ctx
+
+
+def test_train_replies_with_b_only_and_persists_the_ledger(tiny_model_dir, task_dir, tmp_path):
+    msg, ctx = _setup(tiny_model_dir, task_dir, tmp_path)
+    reply = client_app.train(msg, ctx)
+    arrays = reply.content["arrays"]
+    keys = list(arrays.keys())
+    assert any(".lora_B." in k for k in keys) and not any(".lora_A." in k for k in keys)
+    assert set(keys) == set(msg.content["arrays"].keys())  # B and the (trained) head, as sent
+    metrics = reply.content["metrics"]
+    assert 0 < metrics["epsilon"] <= 2.0 and metrics["num-examples"] > 0 and "train-loss" not in metrics
+    assert client_app.LEDGER_RECORD in ctx.state.config_records
+    assert list((tmp_path / "ledgers").glob("*.json"))
+    # The planned budget is spent: the next round is refused with a clear error.
+    with pytest.raises(Exception, match="privacy budget exhausted"):
+        client_app.train(msg, ctx)
+
+
+def test_train_refuses_on_a_foreign_shared_init(tiny_model_dir, task_dir, tmp_path):
+    msg, ctx = _setup(tiny_model_dir, task_dir, tmp_path, fingerprint="0" * 64)
+    with pytest.raises(node.FingerprintMismatch, match="refusing to train"):
+        client_app.train(msg, ctx)
