@@ -41,8 +41,9 @@ def round_generator(seed: int, server_round: int, stream: int, purpose: int) -> 
 
 
 def _entropy_generator() -> torch.Generator:
-    """Seeded from OS entropy (std::random_device). torch's default generator
-    starts from a fixed seed in every fresh process, so it is not used for DP."""
+    """Seeded from OS entropy (std::random_device): non-private batch order on
+    deployed nodes. (torch's default generator starts from a fixed seed in
+    every fresh process.)"""
     g = torch.Generator()
     g.seed()
     return g
@@ -182,7 +183,8 @@ def train_round(rt: NodeRuntime, arrays: ArrayRecord, server_round: int, ledger:
     # Simulation (research) runs are reproducible from (seed, round, partition);
     # a node with its own data samples batches from OS entropy, since subsampling
     # amplification assumes the sampler's randomness is secret.
-    sample_gen = _entropy_generator() if rt.private else round_generator(run.seed, server_round, rt.stream, 0)
+    # Deployed nodes (own data): None = the OS's secure generator for the DP sampling and noise.
+    sample_gen = None if rt.private else round_generator(run.seed, server_round, rt.stream, 0)
     if not rt.private:
         # Dropout draws from torch's global generator: reseed it per (round, node)
         # so a round does not depend on what this process ran before.
@@ -195,7 +197,7 @@ def train_round(rt: NodeRuntime, arrays: ArrayRecord, server_round: int, ledger:
         assert ledger is not None and rt.dp_model is not None
         ledger.check(cfg.local_steps)
         privacy.reset_per_sample_state(rt.dp_model)
-        noise_gen = _entropy_generator() if rt.private else round_generator(run.seed, server_round, rt.stream, 1)
+        noise_gen = None if rt.private else round_generator(run.seed, server_round, rt.stream, 1)
         expected = max(1, round(ledger.sample_rate * rt.num_examples))
         dp_opt = privacy.dp_optimizer(opt, ledger, run.dp.max_grad_norm, expected, noise_gen)
         batches = privacy.poisson_batches(rt.num_examples, ledger.sample_rate, cfg.local_steps, sample_gen)
@@ -204,7 +206,7 @@ def train_round(rt: NodeRuntime, arrays: ArrayRecord, server_round: int, ledger:
         ledger.record(cfg.local_steps)
         epsilon = ledger.epsilon()
     else:
-        batches = training.shuffled_batches(rt.num_examples, cfg.batch_size, cfg.local_steps, sample_gen)
+        batches = training.shuffled_batches(rt.num_examples, cfg.batch_size, cfg.local_steps, sample_gen or _entropy_generator())
         result = training.train(rt.model, rt.train_data, batches, opt, cfg.local_steps, progress)
         epsilon = 0.0
     payload = wire.to_arrays(rt.model)

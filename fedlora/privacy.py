@@ -11,9 +11,11 @@ DP-SGD with Poisson sampling.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -148,22 +150,55 @@ def reset_per_sample_state(model: nn.Module) -> None:
             p._forward_counter = 0
 
 
+# -- randomness for deployments: the OS's cryptographically secure generator ------
+
+
+def secure_uniform(n: int) -> np.ndarray:
+    """``n`` floats uniform in (0, 1], 53 random bits each, from ``os.urandom``."""
+    bits = np.frombuffer(os.urandom(8 * n), dtype=np.uint64) >> np.uint64(11)
+    return (bits.astype(np.float64) + 1.0) / 2.0**53
+
+
+def secure_gaussian(shape: tuple[int, ...], std: float) -> torch.Tensor:
+    """N(0, std^2) noise from ``os.urandom`` (Box-Muller). As in Opacus'
+    secure_mode (Holohan & Braghin 2021), it is the sum of 4 draws of std/2,
+    which defeats attacks on the floating-point representation of one draw."""
+    n = int(np.prod(shape)) if shape else 1
+    u1, u2 = secure_uniform(4 * n), secure_uniform(4 * n)
+    z = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
+    return torch.from_numpy((z.reshape(4, n).sum(0) * (std / 2.0)).astype(np.float32)).reshape(shape)
+
+
 def dp_optimizer(optimizer: torch.optim.Optimizer, ledger: PrivacyLedger, max_grad_norm: float, expected_batch_size: int, generator: torch.Generator | None):
     """Clip each sample's gradient to ``max_grad_norm`` and add Gaussian noise.
 
-    A seeded ``generator`` makes research runs reproducible; deployments pass
-    one seeded from OS entropy (``node._entropy_generator``)."""
+    A seeded ``generator`` makes research runs reproducible (and predictable:
+    experiments only); ``None`` (deployments) draws the noise from the OS's
+    cryptographically secure generator instead."""
     from opacus.optimizers import DPOptimizer
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
-    return DPOptimizer(
+    class SecureNoiseDPOptimizer(DPOptimizer):
+        def add_noise(self) -> None:  # Opacus' add_noise, with the noise source swapped
+            for p in self.params:
+                _check_processed_flag(p.summed_grad)
+                noise = secure_gaussian(tuple(p.summed_grad.shape), self.noise_multiplier * self.max_grad_norm)
+                p.grad = (p.summed_grad + noise.to(p.summed_grad)).view_as(p)
+                _mark_as_processed(p.summed_grad)
+
+    cls = DPOptimizer if generator is not None else SecureNoiseDPOptimizer
+    return cls(
         optimizer, noise_multiplier=ledger.noise_multiplier, max_grad_norm=max_grad_norm,
         expected_batch_size=expected_batch_size, loss_reduction="mean", generator=generator,
     )
 
 
-def poisson_batches(num_examples: int, sample_rate: float, steps: int, generator: torch.Generator):
+def poisson_batches(num_examples: int, sample_rate: float, steps: int, generator: torch.Generator | None):
     """``steps`` batches, each example included independently with ``sample_rate``
-    (the sampling the RDP accountant assumes)."""
+    (the sampling the RDP accountant assumes). ``generator=None`` draws the
+    inclusion coins from the OS's secure generator (deployments)."""
+    if generator is None:
+        return ((np.nonzero(secure_uniform(num_examples) <= sample_rate)[0]).tolist() for _ in range(steps))
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
     return iter(UniformWithReplacementSampler(num_samples=num_examples, sample_rate=sample_rate, generator=generator, steps=steps))

@@ -168,3 +168,29 @@ def test_per_sample_state_left_by_an_aborted_round_is_cleared(tiny_model_dir):
         if p.requires_grad:
             assert isinstance(p.grad_sample, torch.Tensor) and p.grad_sample.shape[0] == 2
     gsm._close()
+
+
+def test_secure_noise_for_deployments_has_the_calibrated_scale_and_is_not_reproducible(tiny_model_dir):
+    model = _model(tiny_model_dir, train_lora_a=False)
+    gsm = privacy.wrap_model(model)
+    params = [p for p in gsm.parameters() if p.requires_grad]
+    ledger = privacy.PrivacyLedger(1.0, 1e-5, noise_multiplier=2.0, sample_rate=0.1, planned_steps=1)
+    draws = []
+    for _ in range(2):
+        opt = privacy.dp_optimizer(torch.optim.SGD(params, lr=1.0), ledger, 0.5, expected_batch_size=1, generator=None)
+        assert type(opt).__name__ == "SecureNoiseDPOptimizer"
+        for p in params:
+            p.grad_sample = torch.zeros((0, *p.shape))
+        opt.pre_step()
+        draws.append(torch.cat([p.grad.flatten() for p in params]).clone())
+    noise = draws[0]
+    assert abs(float(noise.std()) - 1.0) < 0.05 and abs(float(noise.mean())) < 0.05
+    kurtosis = float(((noise - noise.mean()) ** 4).mean() / noise.var() ** 2)
+    assert 2.7 < kurtosis < 3.3  # Gaussian, not uniform (1.8) or heavy-tailed
+    assert not torch.equal(draws[0], draws[1])
+    gsm._close()
+
+
+def test_secure_poisson_sampling_has_the_sampling_rate():
+    sizes = [len(b) for b in privacy.poisson_batches(10_000, 0.05, 20, generator=None)]
+    assert len(sizes) == 20 and abs(sum(sizes) / 20 - 500) < 30
