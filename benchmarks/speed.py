@@ -69,6 +69,17 @@ def upload_ratio() -> dict:
     return {"ffa_bytes": sizes["ffa-lora"], "lora_bytes": sizes["lora"], "ratio": sizes["ffa-lora"] / sizes["lora"]}
 
 
+def secure_noise_seconds(train_lora_a: bool, repeats: int = 20) -> tuple[int, float]:
+    """Per-step cost of deployments' noise from os.urandom, for a method's trainable tensors."""
+    run = parse_run_config({"strategy": "lora" if train_lora_a else "ffa-lora"})
+    shapes = [tuple(p.shape) for p in build_model(run, 2, train_lora_a=train_lora_a).parameters() if p.requires_grad]
+    start = time.perf_counter()
+    for _ in range(repeats):
+        for shape in shapes:
+            privacy.secure_gaussian(shape, 1.0)
+    return sum(int(torch.Size(s).numel()) for s in shapes), (time.perf_counter() - start) / repeats
+
+
 def simulation_ratio(data_dir: str | None, rounds: int, steps: int) -> dict:
     from fedlora.simulation import simulate
 
@@ -125,18 +136,22 @@ def main() -> None:
     ap.add_argument("--data-dir", default=os.environ.get("FEDLORA_DATA_DIR"), help="folder with sst2/ (else the synthetic fallback)")
     ap.add_argument("--steps", type=int, default=10, help="steps per timing block / local steps per round")
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--skip-steps", action="store_true", help="skip [1], the DP step timing (the slowest part)")
     ap.add_argument("--skip-simulation", action="store_true")
     ap.add_argument("--skip-deployment", action="store_true")
     args = ap.parse_args()
 
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     # Batch 16 (the guide's reference measurement) and the run default, 64.
-    for batch_size in (16, 64):
+    for batch_size in () if args.skip_steps else (16, 64):
         for name, train_a in (("LoRA", True), ("FFA-LoRA", False)):
             r = dp_step_ratio(args.steps if batch_size == 16 else max(2, args.steps // 2), train_a, batch_size)
             print(f"[1] DP step / non-DP step ({name}, MiniLM, batch {batch_size} x 64 tokens): {r['dp_step_s']:.4f}s / {r['plain_step_s']:.4f}s = {r['ratio']:.3f}  (goal <= 1.05)", flush=True)
     u = upload_ratio()
     print(f"[3] upload bytes per client per round, FFA-LoRA / LoRA (head frozen): {u['ffa_bytes']} / {u['lora_bytes']} = {u['ratio']:.4f}  (goal 0.5)", flush=True)
+    for name, train_a in (("LoRA", True), ("FFA-LoRA", False)):
+        n, secs = secure_noise_seconds(train_a)
+        print(f"[1'] deployment DP noise from os.urandom, {name} ({n} trainable values): {1000 * secs:.1f} ms per step", flush=True)
     if not args.skip_simulation:
         s = simulation_ratio(args.data_dir, args.rounds, args.steps)
         print(f"[2] simulation client round wall / training time: {s['ratio_later_rounds']:.3f} median over {s['client_rounds']} client-rounds after round 1 "
