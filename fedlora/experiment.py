@@ -133,6 +133,8 @@ class Experiment:
             # Identifies the run to nodes across restarts: keys their privacy ledgers.
             self.run_key = uuid.uuid4().hex
         self.metrics_path = os.path.join(self.dir, "metrics.jsonl")
+        if self.task.synthetic:
+            log.warning(SYNTHETIC_BANNER)
         if previous:
             log.info("resuming %s after round %d", self.dir, self.start_round - 1)
             return
@@ -156,8 +158,6 @@ class Experiment:
             "dp": {"noise-multipliers (simulated partitions)": self.noise_multipliers, "accountant": "rdp"},
             "versions": _versions(),
         })
-        if self.task.synthetic:
-            log.warning(SYNTHETIC_BANNER)
         log.info(
             "run %s: %s on %s (%s), %d labels, partitions %s, payload %d tensors / %d bytes, output %s",
             name, run.strategy, self.task.source, run.data.dataset, self.task.num_labels,
@@ -170,11 +170,13 @@ class Experiment:
     def _resume_from(self, run_dir: str) -> None:
         """Continue ``run_dir`` from its last complete round."""
         config = json.load(open(os.path.join(run_dir, "config.json")))
-        mine = {k: v for k, v in self.run.to_dict().items() if k not in ("resume", "run_name")}
-        theirs = {k: v for k, v in config["resolved"].items() if k not in ("resume", "run_name")}
-        theirs = json.loads(json.dumps(theirs))  # tuples were written as lists
-        if json.loads(json.dumps(mine)) != theirs:
-            diff = sorted(k for k in set(mine) | set(theirs) if json.loads(json.dumps(mine.get(k))) != theirs.get(k))
+        # As JSON (tuples become lists), without the keys that may differ on a resume.
+        mine, theirs = (
+            json.loads(json.dumps({k: v for k, v in d.items() if k not in ("resume", "run_name")}))
+            for d in (self.run.to_dict(), config["resolved"])
+        )
+        if mine != theirs:
+            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
             raise ConfigError("resume", True, f"the run in {run_dir} was started with a different config ({', '.join(diff)})")
         if config["shared-fingerprint"] != self.fingerprint:
             raise ConfigError("resume", True, f"the run in {run_dir} has a different shared init (fingerprint)")

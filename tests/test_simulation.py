@@ -130,3 +130,16 @@ def test_resumed_run_ends_exactly_where_an_uninterrupted_run_ends(tmp_path, e2e_
     assert a.keys() == b.keys()
     for k in a:
         assert (a[k] == b[k]).all(), k
+
+
+def test_resume_refuses_a_different_config(tmp_path, e2e_task):
+    from fedlora.config import ConfigError, parse_run_config
+    from fedlora.experiment import Experiment
+
+    common = {"dataset": e2e_task, "output-dir": str(tmp_path), "run-name": "r", "num-partitions": 2, "dp.epsilon": 0.0}
+    exp = Experiment(parse_run_config(common))
+    exp.checkpoint(1)
+    with pytest.raises(ConfigError, match=r"different config \(lora"):
+        Experiment(parse_run_config({**common, "resume": True, "lora.r": 4}))
+    resumed = Experiment(parse_run_config({**common, "resume": True}))
+    assert resumed.dir == exp.dir and resumed.start_round == 2
