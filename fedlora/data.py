@@ -290,10 +290,6 @@ class Encoded:
     def __len__(self) -> int:
         return int(self.tensors["labels"].shape[0])
 
-    @property
-    def labels(self) -> torch.Tensor:
-        return self.tensors["labels"]
-
     def batch(self, idx: torch.Tensor | list[int]) -> dict[str, torch.Tensor]:
         idx = torch.as_tensor(idx, dtype=torch.long)
         mask = self.tensors["attention_mask"][idx]

@@ -161,10 +161,6 @@ def set_trainable(model: nn.Module, *, train_lora_a: bool, train_head: bool) -> 
             p.requires_grad_(False)
 
 
-def trainable_names(model: nn.Module) -> list[str]:
-    return [n for n, p in model.named_parameters() if p.requires_grad]
-
-
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     return sum(p.numel() for p in model.parameters() if p.requires_grad), total

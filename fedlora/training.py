@@ -19,7 +19,6 @@ log = logging.getLogger("fedlora")
 @dataclass
 class TrainResult:
     steps: int  # optimizer steps taken
-    examples: int  # examples seen over all steps
     loss: float  # mean training loss over the steps
     seconds: float
 
@@ -52,14 +51,13 @@ def train(
 ) -> TrainResult:
     """One pass over ``batches`` (index lists into ``data``): forward, backward, step."""
     model.train()
-    start, losses, examples, steps = time.perf_counter(), [], 0, 0
+    start, losses, steps = time.perf_counter(), [], 0
     report_every = max(1, total_steps // 4)
     for i, idx in enumerate(batches, start=1):
         if len(idx) > 0:
             out = model(**data.batch(idx))
             out.loss.backward()
             losses.append(float(out.loss.detach()))
-            examples += len(idx)
         elif hasattr(optimizer, "noise_multiplier"):
             # An empty Poisson batch under DP-SGD is still a step: noise only.
             # Skipping it would reveal that no example was drawn, which the
@@ -74,7 +72,7 @@ def train(
         steps += 1
         if progress and (i % report_every == 0 or i == total_steps):
             progress(i, total_steps, sum(losses[-report_every:]) / max(1, len(losses[-report_every:])))
-    return TrainResult(steps, examples, sum(losses) / max(1, len(losses)), time.perf_counter() - start)
+    return TrainResult(steps, sum(losses) / max(1, len(losses)), time.perf_counter() - start)
 
 
 @torch.no_grad()

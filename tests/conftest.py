@@ -40,13 +40,16 @@ def write_jsonl(path, rows) -> str:
     return str(path)
 
 
+def write_task(directory, n_train: int, n_eval: int) -> str:
+    """train.jsonl and validation.jsonl of the learnable task in ``directory``."""
+    write_jsonl(os.path.join(directory, "train.jsonl"), make_rows(n_train, seed=1))
+    write_jsonl(os.path.join(directory, "validation.jsonl"), make_rows(n_eval, seed=2))
+    return str(directory)
+
+
 @pytest.fixture(scope="session")
 def task_dir(tmp_path_factory):
-    """A directory with train.jsonl and validation.jsonl of the learnable task."""
-    d = tmp_path_factory.mktemp("task")
-    write_jsonl(d / "train.jsonl", make_rows(600, seed=1))
-    write_jsonl(d / "validation.jsonl", make_rows(200, seed=2))
-    return str(d)
+    return write_task(tmp_path_factory.mktemp("task"), 600, 200)
 
 
 @pytest.fixture(scope="session")

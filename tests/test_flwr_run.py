@@ -8,7 +8,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from conftest import make_rows, write_jsonl
+from conftest import write_task
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,8 +35,8 @@ def _flwr_sim(tmp_path, *overrides, port_base=39300):
 
 def test_flwr_run_completes_and_writes_outputs(tmp_path):
     task = tmp_path / "task"
-    write_jsonl(task / "train.jsonl", make_rows(400, seed=1))
-    write_jsonl(task / "validation.jsonl", make_rows(100, seed=2))
+    task.mkdir()
+    write_task(task, 400, 100)
     out = tmp_path / "out"
     proc = _flwr_sim(
         tmp_path, f'dataset="{task}"', f'output-dir="{out}"', f'cache-dir="{tmp_path / "cache"}"',

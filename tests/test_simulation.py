@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from conftest import make_rows, write_jsonl
+from conftest import write_task
 
 # Per-method settings, as the paper tunes each method's learning rate separately.
 METHOD = {"ffa-lora": {"optimizer": "sgd", "learning-rate": 0.5}, "lora": {"optimizer": "sgd", "learning-rate": 0.5}}
@@ -15,10 +15,7 @@ METHOD = {"ffa-lora": {"optimizer": "sgd", "learning-rate": 0.5}, "lora": {"opti
 
 @pytest.fixture(scope="module")
 def e2e_task(tmp_path_factory):
-    d = tmp_path_factory.mktemp("e2e-task")
-    write_jsonl(d / "train.jsonl", make_rows(1200, seed=1))
-    write_jsonl(d / "validation.jsonl", make_rows(200, seed=2))
-    return str(d)
+    return write_task(tmp_path_factory.mktemp("e2e-task"), 1200, 200)
 
 
 def _run(tmp_path, task, **overrides):
@@ -100,7 +97,6 @@ def test_resumed_run_ends_exactly_where_an_uninterrupted_run_ends(tmp_path, e2e_
     from safetensors.numpy import load_file
 
     from fedlora import experiment
-    from fedlora.simulation import simulate
 
     settings = {"strategy": "ffa-lora", "dp.epsilon": 3.0, "train-head": True, "local-steps": 4, **METHOD["ffa-lora"]}
     straight_dir, straight = _run(tmp_path / "straight", e2e_task, **settings)
