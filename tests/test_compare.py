@@ -1,0 +1,157 @@
+"""`fedlora compare`: grid files and flags expand to validated, named runs;
+runs go one subprocess at a time, complete runs are skipped, an interrupted
+grid resumes mid-run, and a changed grid does not silently reuse old results."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fedlora.compare import GridError, expand, load_grid, parse_value
+
+
+def _grid_file(tmp_path, text: str) -> str:
+    path = tmp_path / "grid.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_grid_file_union_rules_flags_and_names(tmp_path, monkeypatch):
+    monkeypatch.setenv("MY_DATA", "/data/here")
+    path = _grid_file(tmp_path, """
+output-dir = "out"
+[base]
+dataset = "$MY_DATA/sst2"
+num-server-rounds = 2
+[[grid]]
+seed = [0, 1]
+strategy = ["lora", "ffa-lora"]
+[[grid]]
+seed = [0]
+strategy = ["ffa-lora"]
+"dp.epsilon" = [1.0]
+[[rules]]
+when = { strategy = "ffa-lora" }
+set = { learning-rate = 8.0 }
+""")
+    grid = load_grid(path, sets=["local-steps=3"], grids=[])
+    specs = expand(grid)
+    names = [s.name for s in specs]
+    assert names == [
+        "seed=0__strategy=lora", "seed=0__strategy=ffa-lora", "seed=1__strategy=lora", "seed=1__strategy=ffa-lora",
+        "seed=0__strategy=ffa-lora__dp.epsilon=1",
+    ]
+    by_name = {s.name: s for s in specs}
+    assert by_name["seed=0__strategy=lora"].overrides == {"dataset": "$MY_DATA/sst2", "num-server-rounds": 2, "local-steps": 3, "seed": 0, "strategy": "lora"}
+    assert by_name["seed=1__strategy=ffa-lora"].overrides["learning-rate"] == 8.0  # the rule applied
+    assert "learning-rate" not in by_name["seed=1__strategy=lora"].overrides
+    assert by_name["seed=0__strategy=lora"].expanded()["dataset"] == "/data/here/sst2"
+    # --grid adds an axis to every grid table.
+    specs = expand(load_grid(path, grids=["lora.alpha=8,32"]))
+    assert len(specs) == 2 * 5 and all("lora.alpha=" in s.name for s in specs)
+
+
+def test_flag_values_read_as_toml():
+    assert parse_value("3") == 3 and parse_value("1e-5") == 1e-5 and parse_value("true") is True
+    assert parse_value('"x"') == "x" and parse_value("ffa-lora") == "ffa-lora"
+
+
+@pytest.mark.parametrize("text, message", [
+    ('output-dir = "o"\n[grid]\nno-such-key = [1]\n', "unknown run-config key 'no-such-key'"),
+    ('output-dir = "o"\n[base]\nbatch-size = 0\n', "batch-size"),
+    ('output-dir = "o"\n[grid]\nseed = []\n', "non-empty list"),
+    ('[grid]\nseed = [1]\n', "no output directory"),
+    ('output-dir = "o"\nsurprise = 1\n', "unknown top-level key 'surprise'"),
+    ('output-dir = "o"\n[[rules]]\nwhen = {seed = 1}\n', "exactly 'when' and 'set'"),
+])
+def test_bad_grids_name_the_problem(tmp_path, text, message):
+    with pytest.raises(GridError, match=message):
+        expand(load_grid(_grid_file(tmp_path, text)))
+
+
+def test_yaml_grid(tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text("output-dir: out\nbase:\n  local-steps: 2\ngrid:\n  strategy: [lora, ffa-lora]\n")
+    assert [s.name for s in expand(load_grid(str(path)))] == ["strategy=lora", "strategy=ffa-lora"]
+
+
+def _compare(*args, cwd, timeout=900):
+    return subprocess.run([sys.executable, "-m", "fedlora.cli", "compare", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def _rows(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_grid_runs_skips_resumes_and_refuses_changed_config(tmp_path, task_dir, tiny_model_dir):
+    grid = _grid_file(tmp_path, f"""
+output-dir = "{tmp_path / 'grid'}"
+[base]
+dataset = "{task_dir}"
+model = "{tiny_model_dir}"
+cache-dir = "{tmp_path / 'cache'}"
+num-partitions = 2
+num-server-rounds = 3
+local-steps = 4
+batch-size = 16
+learning-rate = 0.5
+[grid]
+strategy = ["lora", "ffa-lora"]
+""")
+    # Interrupt the grid once the first run has checkpointed round 1.
+    proc = subprocess.Popen([sys.executable, "-m", "fedlora.cli", "compare", grid], cwd=tmp_path, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = tmp_path / "grid" / "strategy=lora"
+    deadline = time.monotonic() + 300
+    while not (first / "checkpoint.json").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() is not None else "no checkpoint in time"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (first / "result.json").exists()
+
+    listing = _compare(grid, "--dry-run", cwd=tmp_path)
+    assert listing.returncode == 0 and "0 complete, 2 to run (1 resuming)" in listing.stdout, listing.stdout + listing.stderr
+
+    done = _compare(grid, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "2/2 runs complete" in done.stdout
+    for name in ("strategy=lora", "strategy=ffa-lora"):
+        rows = _rows(tmp_path / "grid" / name / "metrics.jsonl")
+        assert [r["round"] for r in rows] == [0, 1, 2, 3]  # the resumed run has every round once
+        assert json.load(open(tmp_path / "grid" / name / "result.json"))["accuracy"] == rows[-1]["accuracy"]
+        # Cumulative bytes carry across the resume.
+        assert rows[-1]["cum_bytes_up"] == sum(r["bytes_up"] for r in rows)
+    log = _rows(tmp_path / "grid" / "grid-log.jsonl")
+    assert [(r["run"], r["resumed"]) for r in log] == [("strategy=lora", True), ("strategy=ffa-lora", False)]
+
+    again = _compare(grid, cwd=tmp_path)
+    assert again.returncode == 0 and "2 complete, 0 to run" in again.stdout
+    assert len(_rows(tmp_path / "grid" / "grid-log.jsonl")) == 2  # nothing ran
+
+    changed = _compare(grid, "--set", "local-steps=5", cwd=tmp_path)
+    assert changed.returncode == 2 and "different config (local-steps)" in changed.stderr
+
+
+def test_a_failing_run_is_reported_and_the_grid_goes_on(tmp_path, task_dir, tiny_model_dir):
+    grid = _grid_file(tmp_path, f"""
+output-dir = "{tmp_path / 'grid'}"
+[base]
+model = "{tiny_model_dir}"
+cache-dir = "{tmp_path / 'cache'}"
+num-partitions = 2
+num-server-rounds = 1
+local-steps = 2
+batch-size = 16
+[grid]
+dataset = ["{tmp_path / 'missing'}", "{task_dir}"]
+""")
+    out = _compare(grid, cwd=tmp_path)
+    assert out.returncode == 1
+    assert "FAILED dataset=" in out.stderr and "1/2 runs complete" in out.stdout
+    statuses = [r["status"] for r in _rows(tmp_path / "grid" / "grid-log.jsonl")]
+    assert statuses[0].startswith("failed") and statuses[1] == "done"
