@@ -14,10 +14,12 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
-STRATEGIES = ("lora", "ffa-lora")
+STRATEGIES = ("lora", "ffa-lora", "fedex-lora", "flora", "fedsa-lora", "fedsvd")
 PARTITION_METHODS = ("iid", "dirichlet", "pathological")
 AGGREGATIONS = ("mean", "median", "trimmed-mean")
 OPTIMIZERS = ("sgd", "adamw")
+USER_DP_MODES = ("off", "server-fixed", "client-fixed", "server-adaptive")
+TRACKERS = ("tensorboard", "wandb", "mlflow")
 
 # The GLUE SST-2 default: looked up locally, then on the hub, then (only for
 # this default) replaced by a built-in synthetic task.
@@ -56,10 +58,16 @@ DEFAULTS: dict[str, Any] = {
     "lora.alpha": 16,
     "lora.dropout": 0.0,
     "lora.target-modules": "query,value",
+    "lora.client-ranks": "",
     "train-head": True,
     "dp.epsilon": 3.0,
     "dp.delta": 1e-5,
     "dp.max-grad-norm": 1.0,
+    "user-dp.mode": "off",
+    "user-dp.noise-multiplier": 1.0,
+    "user-dp.clip-norm": 1.0,
+    "user-dp.delta": 1e-5,
+    "user-dp.clipped-count-stddev": 0.0,
     "partition.method": "iid",
     "partition.alpha": 0.5,
     "partition.classes-per-client": 1,
@@ -69,6 +77,10 @@ DEFAULTS: dict[str, Any] = {
     "run-name": "",
     "resume": False,
     "cache-dir": "",
+    "tracking.backends": "tensorboard",
+    "tracking.project": "fedlora",
+    "tracking.wandb-mode": "offline",
+    "tracking.mlflow-uri": "",
 }
 
 
@@ -82,10 +94,11 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class LoraConfig:
-    r: int
+    r: int  # the global rank; with heterogeneous ranks, the largest
     alpha: float
     dropout: float
     target_modules: tuple[str, ...]
+    client_ranks: tuple[int, ...] = ()  # simulated node i's rank (empty: every node has rank r)
 
 
 @dataclass(frozen=True)
@@ -97,6 +110,21 @@ class DPConfig:
     @property
     def enabled(self) -> bool:
         return self.epsilon > 0
+
+
+@dataclass(frozen=True)
+class UserDPConfig:
+    """Central, user-level DP on the aggregate (fedlora.user_dp); independent of the clients' DP-SGD."""
+
+    mode: str  # off, server-fixed, client-fixed, server-adaptive
+    noise_multiplier: float
+    clip_norm: float  # fixed clipping norm; the initial one when adaptive
+    delta: float
+    clipped_count_stddev: float  # adaptive only; 0 = Flower's default (clients per round / 20)
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
 
 
 @dataclass(frozen=True)
@@ -133,6 +161,14 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    backends: tuple[str, ...]  # empty = no tracking
+    project: str
+    wandb_mode: str
+    mlflow_uri: str
+
+
+@dataclass(frozen=True)
 class RunConfig:
     strategy: str
     num_server_rounds: int
@@ -154,9 +190,11 @@ class RunConfig:
     cache_dir: str
     lora: LoraConfig
     dp: DPConfig
+    user_dp: UserDPConfig
     partition: PartitionConfig
     data: DataConfig
     train: TrainConfig
+    tracking: TrackingConfig
     raw: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -228,6 +266,18 @@ def _names(cfg, key) -> tuple[str, ...]:
     return names
 
 
+def _ranks(cfg, key, max_rank: int) -> tuple[int, ...]:
+    """Comma-separated LoRA ranks, each in 1..max_rank (empty: none)."""
+    raw = _str(cfg, key)
+    try:
+        ranks = tuple(int(x) for x in raw.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(key, raw, "must be comma-separated integers") from None
+    if any(not 1 <= r <= max_rank for r in ranks):
+        raise ConfigError(key, raw, f"each rank must be in 1..lora.r ({max_rank})")
+    return ranks
+
+
 def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
     """Validate a flat Flower run config into a ``RunConfig``.
 
@@ -244,11 +294,19 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         alpha=_float(cfg, "lora.alpha", min_value=0, strict_min=True),
         dropout=_float(cfg, "lora.dropout", min_value=0, max_value=0.99),
         target_modules=_names(cfg, "lora.target-modules"),
+        client_ranks=_ranks(cfg, "lora.client-ranks", _int(cfg, "lora.r", min_value=1)),
     )
     dp = DPConfig(
         epsilon=_float(cfg, "dp.epsilon", min_value=0),
         delta=_float(cfg, "dp.delta", min_value=0, max_value=0.1, strict_min=True),
         max_grad_norm=_float(cfg, "dp.max-grad-norm", min_value=0, strict_min=True),
+    )
+    user_dp = UserDPConfig(
+        mode=_str(cfg, "user-dp.mode", choices=USER_DP_MODES),
+        noise_multiplier=_float(cfg, "user-dp.noise-multiplier", min_value=0, strict_min=True),
+        clip_norm=_float(cfg, "user-dp.clip-norm", min_value=0, strict_min=True),
+        delta=_float(cfg, "user-dp.delta", min_value=0, max_value=0.1, strict_min=True),
+        clipped_count_stddev=_float(cfg, "user-dp.clipped-count-stddev", min_value=0),
     )
     partition = PartitionConfig(
         method=_str(cfg, "partition.method", choices=PARTITION_METHODS),
@@ -275,6 +333,16 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         eval_batch_size=_int(cfg, "eval-batch-size", min_value=1),
         local_eval_fraction=_float(cfg, "local-eval-fraction", min_value=0, max_value=0.5),
     )
+    backends = tuple(b.strip() for b in _str(cfg, "tracking.backends").split(",") if b.strip() and b.strip() != "none")
+    for b in backends:
+        if b not in TRACKERS:
+            raise ConfigError("tracking.backends", _get(cfg, "tracking.backends"), f"unknown tracker {b!r}; choose from {', '.join(TRACKERS)} or none")
+    tracking = TrackingConfig(
+        backends=tuple(dict.fromkeys(backends)),
+        project=_str(cfg, "tracking.project", allow_empty=False),
+        wandb_mode=_str(cfg, "tracking.wandb-mode", choices=("offline", "online", "disabled")),
+        mlflow_uri=_str(cfg, "tracking.mlflow-uri"),
+    )
     run = RunConfig(
         strategy=_str(cfg, "strategy", choices=STRATEGIES),
         num_server_rounds=_int(cfg, "num-server-rounds", min_value=1),
@@ -296,13 +364,17 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         cache_dir=_str(cfg, "cache-dir"),
         lora=lora,
         dp=dp,
+        user_dp=user_dp,
         partition=partition,
         data=data,
         train=train,
+        tracking=tracking,
         raw={**DEFAULTS, **dict(cfg)},
     )
     if "/" in run.run_name or os.sep in run.run_name or run.run_name in (".", ".."):
         raise ConfigError("run-name", run.run_name, "must be a plain folder name (no path separators)")
+    if run.lora.client_ranks and len(run.lora.client_ranks) != run.partition.num_partitions:
+        raise ConfigError("lora.client-ranks", _get(cfg, "lora.client-ranks"), f"needs one rank per simulated node (num-partitions = {run.partition.num_partitions})")
     if run.fraction_evaluate > 0 and run.train.local_eval_fraction == 0:
         raise ConfigError("local-eval-fraction", 0.0, "must be > 0 when fraction-evaluate > 0 (clients need a local split)")
     return run

@@ -29,7 +29,9 @@ from .model import build_model, count_parameters, load_tokenizer, resolve_model
 from .node import train_size_after_holdout
 from .privacy import PrivacyLedger
 from .strategies import FedLoraStrategy, get_strategy
+from .tracking import check_available, make_tracker, round_scalars
 from .training import evaluate
+from .user_dp import UserDP
 
 log = logging.getLogger("fedlora")
 
@@ -84,6 +86,9 @@ class Experiment:
     def __init__(self, run: RunConfig, run_id: int | None = None) -> None:
         self.run = run
         self.method = get_strategy(run.strategy)
+        if not self.method.mixed_ranks and any(r != run.lora.r for r in run.lora.client_ranks):
+            raise ConfigError("lora.client-ranks", ",".join(map(str, run.lora.client_ranks)), f"strategy {run.strategy} cannot aggregate mixed ranks")
+        check_available(run.tracking)
         # Load and check everything a run needs before any node trains.
         self.task = data_mod.load_task(run.data)
         if run.partition.method == "pathological" and run.partition.classes_per_client > self.task.num_labels:
@@ -109,13 +114,16 @@ class Experiment:
         self.model = build_model(run, self.task.num_labels, self.method.train_lora_a)
         tokenizer = load_tokenizer(run.model)
         self.eval_data = data_mod.encode(self.task.eval, tokenizer, self.task.text_columns, run.data.max_length)
-        self.initial_arrays = wire.to_arrays(self.model)
-        self.fingerprint = wire.fingerprint(self.model)
+        ex = self.method.exchange
+        # The server's state: the method's global tensors (for most methods its trainable set).
+        self.initial_arrays = wire.to_arrays(self.model, wire.global_names(self.model, ex))
+        self.fingerprint = wire.fingerprint(self.model, ex)
         self.final_arrays = self.initial_arrays
         self.strategy: FedLoraStrategy | None = None
 
         self.start_round = 1  # the first round this process runs
         self.resumed_spent: dict[int, float] = {}
+        self.resumed_state: dict = {}  # the strategy's own state (e.g. user-level DP releases)
         parent = os.path.abspath(os.path.expanduser(run.output_dir))
         previous = latest_checkpointed_run(parent, run.run_name) if run.resume else None
         if previous:
@@ -133,12 +141,20 @@ class Experiment:
             # Identifies the run to nodes across restarts: keys their privacy ledgers.
             self.run_key = uuid.uuid4().hex
         self.metrics_path = os.path.join(self.dir, "metrics.jsonl")
+        # Totals so far (a resumed run continues them from its metrics).
+        self.cum_bytes = {"up": 0, "down": 0}
+        if os.path.exists(self.metrics_path):
+            for line in open(self.metrics_path):
+                prev = json.loads(line)
+                self.cum_bytes = {"up": prev.get("cum_bytes_up", 0), "down": prev.get("cum_bytes_down", 0)}
+        self.tracker = make_tracker(run.tracking, self.dir, os.path.basename(self.dir), parent)
         if self.task.synthetic:
             log.warning(SYNTHETIC_BANNER)
         if previous:
             log.info("resuming %s after round %d", self.dir, self.start_round - 1)
             return
         trainable, total = count_parameters(self.model)
+        self.tracker.log_config(run.raw)
         self._write_json("config.json", {
             "run-config": run.raw,
             "resolved": run.to_dict(),
@@ -172,7 +188,7 @@ class Experiment:
         config = json.load(open(os.path.join(run_dir, "config.json")))
         # As JSON (tuples become lists), without the keys that may differ on a resume.
         mine, theirs = (
-            json.loads(json.dumps({k: v for k, v in d.items() if k not in ("resume", "run_name")}))
+            json.loads(json.dumps({k: v for k, v in d.items() if k not in ("resume", "run_name", "tracking")}))
             for d in (self.run.to_dict(), config["resolved"])
         )
         if mine != theirs:
@@ -187,6 +203,7 @@ class Experiment:
         self.initial_arrays = self.final_arrays = arrays
         self.start_round = int(ckpt["round"]) + 1
         self.resumed_spent = {int(k): float(v) for k, v in ckpt.get("spent", {}).items()}
+        self.resumed_state = ckpt.get("strategy-state", {})
         # Metrics written after the checkpoint (a round that did not complete) are dropped.
         path = os.path.join(run_dir, "metrics.jsonl")
         rows = [line for line in open(path) if json.loads(line)["round"] <= ckpt["round"]] if os.path.exists(path) else []
@@ -199,7 +216,8 @@ class Experiment:
         np.savez(buf, **{k: v.numpy() for k, v in self.final_arrays.items()})
         _atomic_write(os.path.join(self.dir, name), buf.getvalue())
         spent = self.strategy.spent if self.strategy else {}
-        _atomic_write(os.path.join(self.dir, CHECKPOINT), json.dumps({"round": server_round, "arrays": name, "spent": spent}).encode())
+        state = self.strategy.state() if self.strategy else {}
+        _atomic_write(os.path.join(self.dir, CHECKPOINT), json.dumps({"round": server_round, "arrays": name, "spent": spent, "strategy-state": state}).encode())
         for old in os.listdir(self.dir):  # keep only the checkpoint just written
             if old.startswith("checkpoint-round") and old != name:
                 os.remove(os.path.join(self.dir, old))
@@ -208,10 +226,21 @@ class Experiment:
         """Sent with every message: what a node needs that its own run config cannot tell it."""
         return {"label-names": list(self.task.label_names), "run-key": self.run_key}
 
+    def _user_dp(self) -> UserDP | None:
+        """Central user-level DP, calibrated for the clients sampled per round (as FedAvg samples them)."""
+        run, u = self.run, self.run.user_dp
+        if not u.enabled:
+            return None
+        n = run.partition.num_partitions
+        per_round = max(int(n * run.fraction_train), min(run.min_train_nodes, n))
+        return UserDP(u.mode, u.noise_multiplier, u.clip_norm, u.delta, per_round, u.clipped_count_stddev)
+
     def make_strategy(self) -> FedLoraStrategy:
         run = self.run
         self.strategy = self.method(
-            payload_shapes={k: tuple(v.shape) for k, v in self.initial_arrays.items()},
+            payload_shapes={k: tuple(v.shape) for k, v in wire.to_arrays(self.model, wire.up_names(self.model, self.method.exchange)).items()},
+            down_keys=wire.down_names(self.model, self.method.exchange),
+            lora_scale=run.lora.alpha / run.lora.r,
             min_replies=run.min_replies,
             max_norm_ratio=run.max_norm_ratio,
             aggregation=run.aggregation,
@@ -224,13 +253,15 @@ class Experiment:
             min_train_nodes=min(run.min_train_nodes, run.partition.num_partitions),
             min_evaluate_nodes=min(run.min_train_nodes, run.partition.num_partitions) if run.fraction_evaluate > 0 else 0,
             min_available_nodes=run.partition.num_partitions,
+            user_dp=self._user_dp(),
         )
         self.strategy.spent.update(self.resumed_spent)
+        self.strategy.load_state(self.resumed_state)
         return self.strategy
 
     def evaluate_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Centralised evaluation of the global adapter; writes the round's metrics line."""
-        wire.load_arrays(self.model, arrays)
+        wire.load_global(self.model, arrays, self.method.exchange)
         self.final_arrays = arrays
         loss, acc = evaluate(self.model, self.eval_data, self.run.train.eval_batch_size)
         stats = self.strategy.rounds.get(server_round) if self.strategy else None
@@ -238,9 +269,13 @@ class Experiment:
         row: dict[str, Any] = {
             "round": server_round, "strategy": self.run.strategy, "accuracy": acc, "loss": loss,
             "epsilon": stats.epsilon if stats else 0.0,
+            **({"user_epsilon": stats.user_epsilon} if stats and stats.user_epsilon is not None else {}),
             "bytes_up": stats.bytes_up if stats else 0, "bytes_down": stats.bytes_down if stats else 0,
             "seconds": (now - stats.started) if stats else 0.0,
         }
+        if stats:
+            self.cum_bytes = {"up": self.cum_bytes["up"] + stats.bytes_up, "down": self.cum_bytes["down"] + stats.bytes_down}
+        row.update({"cum_bytes_up": self.cum_bytes["up"], "cum_bytes_down": self.cum_bytes["down"]})
         if stats:
             cm = list(stats.client_metrics.values())
             total = sum(float(m["num-examples"]) for m in cm) or 1.0
@@ -257,6 +292,7 @@ class Experiment:
             })
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        self.tracker.log_round(server_round, round_scalars(row))
         if stats:
             self.checkpoint(server_round)
         eps = f"eps {row['epsilon']:.3f}/{self.run.dp.epsilon:g}" if self.run.dp.enabled else "non-private"
@@ -272,10 +308,23 @@ class Experiment:
         return MetricRecord({"accuracy": acc, "loss": loss})
 
     def finish(self) -> str:
-        """Save the final global adapter in PEFT format; return its path."""
-        wire.load_arrays(self.model, self.final_arrays)
+        """Save the final global adapter in PEFT format and ``result.json`` (the
+        mark of a complete run); return the adapter's path."""
+        wire.load_global(self.model, self.final_arrays, self.method.exchange)
         path = os.path.join(self.dir, "adapter")
         self.model.save_pretrained(path)
+        if deltas := {k: v.numpy() for k, v in self.final_arrays.items() if wire.is_delta(k)}:
+            # FedEx-LoRA / FLoRA: the update merged into the base weights (load with wire.set_base_delta).
+            np.savez(os.path.join(path, "base_delta.npz"), **deltas)
+        rows = [json.loads(line) for line in open(self.metrics_path)]
+        last = rows[-1]
+        self._write_json("result.json", {
+            "rounds": last["round"], "accuracy": last["accuracy"], "loss": last["loss"],
+            "best_accuracy": max(r["accuracy"] for r in rows), "epsilon": last["epsilon"],
+            "cum_bytes_up": last["cum_bytes_up"], "cum_bytes_down": last["cum_bytes_down"],
+            "round_seconds": sum(r["seconds"] for r in rows),
+        })
+        self.tracker.close()
         if self.task.synthetic:
             log.warning(SYNTHETIC_BANNER)
         log.info("run finished: outputs in %s", self.dir)

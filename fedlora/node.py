@@ -10,7 +10,9 @@ survive a process, the privacy ledger, lives in the node's Flower state.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import io
 import logging
 import math
 import os
@@ -18,8 +20,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import Array, ArrayRecord
 from torch import nn
 
 from . import data as data_mod
@@ -119,9 +122,31 @@ def _load_task_cached(run: RunConfig, label_names: tuple[str, ...]) -> data_mod.
     return _TASKS[key]
 
 
-def get_runtime(run: RunConfig, node_config: dict, label_names: tuple[str, ...], train_lora_a: bool) -> NodeRuntime:
-    """This node's runtime: built on first use in this process, then reused."""
+def node_rank(run: RunConfig, node_config: dict) -> int:
+    """This node's LoRA rank: node config ``lora-rank`` (deployment), else its
+    entry of ``lora.client-ranks`` (simulation), else ``lora.r``."""
+    if "lora-rank" in node_config:
+        rank = node_config["lora-rank"]
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= run.lora.r:
+            raise ConfigError("lora-rank", rank, f"node config: must be an integer in 1..lora.r ({run.lora.r})")
+        return rank
+    if run.lora.client_ranks and "partition-id" in node_config:
+        return run.lora.client_ranks[int(node_config["partition-id"])]
+    return run.lora.r
+
+
+def get_runtime(run: RunConfig, node_config: dict, label_names: tuple[str, ...], train_lora_a: bool, mixed_ranks: str = "zero-padding") -> NodeRuntime:
+    """This node's runtime: built on first use in this process, then reused.
+
+    A node of a lower rank r_k gets LoRA layers of rank r_k with alpha scaled by
+    r_k / r, so its layers have the run's scale alpha / r; ``mixed_ranks`` is how
+    the strategy aggregates them ("" = it cannot: refused)."""
     start = time.perf_counter()
+    rank = node_rank(run, node_config)
+    if rank != run.lora.r:
+        if not mixed_ranks:
+            raise ConfigError("lora-rank", rank, f"this node's rank differs from lora.r = {run.lora.r}, and the run's strategy cannot aggregate mixed ranks")
+        run = dataclasses.replace(run, lora=dataclasses.replace(run.lora, r=rank, alpha=run.lora.alpha * rank / run.lora.r))
     dkey = _data_key(run, node_config, label_names)
     if dkey not in _NODE_DATA:
         if len(_NODE_DATA) >= _MAX_NODES_PER_PROCESS:
@@ -162,8 +187,8 @@ def train_size_after_holdout(n: int, fraction: float) -> int:
     return n - math.ceil(fraction * n)
 
 
-def check_fingerprint(rt: NodeRuntime, expected: str) -> None:
-    mine = wire.fingerprint(rt.model)
+def check_fingerprint(rt: NodeRuntime, expected: str, exchange: wire.Exchange | None = None) -> None:
+    mine = wire.fingerprint(rt.model, exchange)
     if mine != expected:
         raise FingerprintMismatch(
             f"this node's shared frozen tensors (LoRA A / frozen head) have fingerprint {mine[:16]}…, "
@@ -172,12 +197,19 @@ def check_fingerprint(rt: NodeRuntime, expected: str) -> None:
         )
 
 
-def train_round(rt: NodeRuntime, arrays: ArrayRecord, server_round: int, ledger: privacy.PrivacyLedger | None, progress_prefix: str = "") -> tuple[ArrayRecord, dict[str, Any]]:
+def train_round(
+    rt: NodeRuntime, arrays: ArrayRecord, server_round: int, ledger: privacy.PrivacyLedger | None, progress_prefix: str = "",
+    *, exchange: wire.Exchange | None = None, personal: ArrayRecord | None = None,
+) -> tuple[ArrayRecord, dict[str, Any]]:
     """Load the global payload, train ``local-steps`` steps, return the new payload and metrics.
 
-    With DP, ``ledger`` is checked before and updated after (in place)."""
+    ``exchange`` says what the server sent and what goes back (default: the
+    model's trainable set both ways); ``personal`` is this node's own B
+    (FedSA-LoRA; None = zero). With DP, ``ledger`` is checked before and
+    updated after (in place)."""
     t0 = time.perf_counter()
-    wire.load_arrays(rt.model, arrays)
+    ex = exchange or wire.Exchange.of(rt.model)
+    wire.load_down(rt.model, arrays, ex, rt.run.seed, personal)
     cfg, run = rt.run.train, rt.run
     opt = training.make_optimizer(rt.trainable(), cfg)
     # Simulation (research) runs are reproducible from (seed, round, partition);
@@ -209,13 +241,14 @@ def train_round(rt: NodeRuntime, arrays: ArrayRecord, server_round: int, ledger:
         batches = training.shuffled_batches(rt.num_examples, cfg.batch_size, cfg.local_steps, sample_gen or _entropy_generator())
         result = training.train(rt.model, rt.train_data, batches, opt, cfg.local_steps, progress)
         epsilon = 0.0
-    payload = wire.to_arrays(rt.model)
+    payload = wire.to_arrays(rt.model, wire.up_names(rt.model, ex))
     metrics = {
         "num-examples": rt.num_examples,
         "epsilon": epsilon,
         "steps": result.steps,
         "train-seconds": result.seconds,
         "round-seconds": time.perf_counter() - t0,  # load + train + extract, no setup
+        "lora-rank": rt.run.lora.r,
     }
     if not run.dp.enabled:
         # The loss on the private batches is not covered by DP: released only without DP.
@@ -223,10 +256,11 @@ def train_round(rt: NodeRuntime, arrays: ArrayRecord, server_round: int, ledger:
     return payload, metrics
 
 
-def evaluate_round(rt: NodeRuntime, arrays: ArrayRecord) -> dict[str, Any]:
+def evaluate_round(rt: NodeRuntime, arrays: ArrayRecord, *, exchange: wire.Exchange | None = None, personal: ArrayRecord | None = None) -> dict[str, Any]:
+    """The global model (with this node's personal B, for FedSA-LoRA) on the node's held-out split."""
     if rt.eval_data is None:
         raise ConfigError("local-eval-fraction", rt.run.train.local_eval_fraction, "this node has no local evaluation split")
-    wire.load_arrays(rt.model, arrays)
+    wire.load_down(rt.model, arrays, exchange or wire.Exchange.of(rt.model), rt.run.seed, personal)
     loss, acc = training.evaluate(rt.model, rt.eval_data, rt.run.train.eval_batch_size)
     return {"num-examples": len(rt.eval_data), "loss": loss, "accuracy": acc}
 
@@ -262,3 +296,37 @@ def save_ledger(path: str, ledger: privacy.PrivacyLedger) -> None:
 def plan_ledger(rt: NodeRuntime) -> privacy.PrivacyLedger:
     run = rt.run
     return privacy.PrivacyLedger.plan(run.dp, rt.num_examples, run.train.batch_size, run.num_server_rounds * run.train.local_steps)
+
+
+def personal_dir(rt: NodeRuntime, run_key: str, node_key: str) -> str:
+    """Where a node keeps its personal tensors (FedSA-LoRA's B) for a run, one file per round."""
+    safe = hashlib.sha256(f"{run_key}/{node_key}".encode()).hexdigest()[:32]
+    return os.path.join(cache_dir(rt.run), "personal", safe)
+
+
+def load_personal(directory: str, upto_round: int) -> ArrayRecord | None:
+    """The personal tensors saved after the latest round <= ``upto_round`` (None before the first).
+    By round, not "latest", so a resumed run repeats a round from the same state."""
+    rounds = [int(f[:-4]) for f in os.listdir(directory) if f.endswith(".npz")] if os.path.isdir(directory) else []
+    rounds = [r for r in rounds if r <= upto_round]
+    if not rounds:
+        return None
+    with np.load(os.path.join(directory, f"{max(rounds)}.npz")) as npz:
+        return ArrayRecord({k: Array(npz[k]) for k in npz.files})
+
+
+def save_personal(directory: str, server_round: int, arrays: ArrayRecord) -> None:
+    """Atomically save this round's personal tensors; keep the previous round's (a resume may repeat this round)."""
+    os.makedirs(directory, exist_ok=True)
+    buf = io.BytesIO()
+    np.savez(buf, **{k: v.numpy() for k, v in arrays.items()})
+    path = os.path.join(directory, f"{server_round}.npz")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(buf.getvalue())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    for name in os.listdir(directory):
+        if name.endswith(".npz") and int(name[:-4]) < server_round - 1:
+            os.remove(os.path.join(directory, name))

@@ -19,8 +19,18 @@ WEIGHT_KEY = "num-examples"
 MIN_REPLIES_FOR_NORM_CHECK = 3  # a median of fewer replies says little about outliers
 
 
-def check_reply(content: RecordDict, shapes: dict[str, tuple[int, ...]]) -> str | None:
-    """None if the reply is well-formed, else the reason it is not."""
+def lower_rank(key: str, shape: tuple[int, ...], expected: tuple[int, ...]) -> bool:
+    """A LoRA factor of rank 1..r where rank r is expected (A: rows, B: columns)."""
+    if len(shape) != 2 or len(expected) != 2:
+        return False
+    if ".lora_A." in key:
+        return shape[1] == expected[1] and 1 <= shape[0] <= expected[0]
+    return ".lora_B." in key and shape[0] == expected[0] and 1 <= shape[1] <= expected[1]
+
+
+def check_reply(content: RecordDict, shapes: dict[str, tuple[int, ...]], flexible_rank: bool = False) -> str | None:
+    """None if the reply is well-formed, else the reason it is not. With
+    ``flexible_rank``, LoRA factors may have a lower rank than ``shapes``."""
     arrays, metrics = list(content.array_records.values()), list(content.metric_records.values())
     if len(arrays) != 1 or len(metrics) != 1:
         return f"expected one ArrayRecord and one MetricRecord, got {len(arrays)} and {len(metrics)}"
@@ -31,7 +41,7 @@ def check_reply(content: RecordDict, shapes: dict[str, tuple[int, ...]]) -> str 
         return f"payload keys differ from the method's (unexpected {extra}, missing {missing})"
     for key, expected in shapes.items():
         array = record[key]
-        if tuple(array.shape) != tuple(expected):
+        if tuple(array.shape) != tuple(expected) and not (flexible_rank and lower_rank(key, tuple(array.shape), tuple(expected))):
             return f"{key} has shape {tuple(array.shape)}, expected {tuple(expected)}"
         if array.dtype != "float32":
             return f"{key} has dtype {array.dtype}, expected float32"

@@ -6,18 +6,26 @@ factors (and the head if it trains), for FFA-LoRA only B (and the head).
 Frozen tensors that are not pretrained weights (FFA-LoRA's A, a frozen head)
 never travel; every node derives them from the run seed and proves it holds
 the same ones with ``fingerprint``.
+
+Methods that move other sets (FedSA-LoRA keeps B on the node, FedSVD sends a
+frozen A, FLoRA restarts the factors) describe them with an ``Exchange``; the
+server's global state is then ``global_names`` plus, for methods that merge
+updates into the frozen base weights, base-delta entries (``add_base_delta``),
+kept low-rank or dense, whichever is fewer bytes.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 from torch import nn
 
-from .model import is_head, is_lora_a, is_lora_b
+from .model import init_shared, is_head, is_lora_a, is_lora_b
 
 OPACUS_PREFIX = "_module."
 
@@ -33,11 +41,14 @@ def payload_names(model: nn.Module) -> list[str]:
     return [_clean(n) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def to_arrays(model: nn.Module) -> ArrayRecord:
-    """The payload a node sends: every trainable tensor, as float32 numpy."""
-    return ArrayRecord(
-        {_clean(n): Array(p.detach().cpu().numpy().copy()) for n, p in model.named_parameters() if p.requires_grad}
-    )
+def to_arrays(model: nn.Module, names: Iterable[str] | None = None) -> ArrayRecord:
+    """The payload a node sends: every trainable tensor (or the tensors ``names``), as float32 numpy."""
+    keep = set(names) if names is not None else None
+    return ArrayRecord({
+        _clean(n): Array(p.detach().cpu().numpy().copy())
+        for n, p in model.named_parameters()
+        if (p.requires_grad if keep is None else _clean(n) in keep)
+    })
 
 
 class PayloadError(ValueError):
@@ -45,9 +56,10 @@ class PayloadError(ValueError):
 
 
 @torch.no_grad()
-def load_arrays(model: nn.Module, arrays: ArrayRecord, *, sender: str = "server") -> None:
-    """Copy a payload into the model; the keys must be exactly the trainable set."""
-    params = {_clean(n): p for n, p in model.named_parameters() if p.requires_grad}
+def load_arrays(model: nn.Module, arrays: ArrayRecord, *, sender: str = "server", names: Iterable[str] | None = None) -> None:
+    """Copy a payload into the model; the keys must be exactly the trainable set (or ``names``)."""
+    keep = set(names) if names is not None else None
+    params = {_clean(n): p for n, p in model.named_parameters() if (p.requires_grad if keep is None else _clean(n) in keep)}
     keys = set(arrays.keys())
     if keys != set(params):
         missing, extra = sorted(set(params) - keys), sorted(keys - set(params))
@@ -65,13 +77,15 @@ def nbytes(arrays: ArrayRecord) -> int:
     return int(sum(len(a.data) for a in arrays.values()))
 
 
-def shared_frozen_names(model: nn.Module) -> list[str]:
+def shared_frozen_names(model: nn.Module, exchange: "Exchange | None" = None) -> list[str]:
     """Frozen tensors that every node must hold identically but that do not
-    travel: LoRA A when frozen (FFA-LoRA), and the head when frozen."""
+    travel: LoRA A when frozen (FFA-LoRA; not FedSVD, whose server sends A),
+    and the head when frozen."""
+    a_sent = exchange is not None and exchange.a_down
     return [
         _clean(n)
         for n, p in model.named_parameters()
-        if not p.requires_grad and (is_lora_a(n) or is_lora_b(n) or is_head(n))
+        if not p.requires_grad and ((is_lora_a(n) and not a_sent) or is_lora_b(n) or is_head(n))
     ]
 
 
@@ -88,9 +102,8 @@ def _base_digest(model: nn.Module) -> str:
     if cached:
         return cached
     h = hashlib.sha256()
-    shared = set(shared_frozen_names(model)) | set(payload_names(model))
     for name, p in sorted((_clean(n), p) for n, p in model.named_parameters()):
-        if name in shared or ".original_module." in name:
+        if is_lora_a(name) or is_lora_b(name) or is_head(name) or ".original_module." in name:
             continue
         flat = p.detach().reshape(-1)
         step = max(1, flat.numel() // _SAMPLE)
@@ -101,14 +114,162 @@ def _base_digest(model: nn.Module) -> str:
 
 
 @torch.no_grad()
-def fingerprint(model: nn.Module) -> str:
+def fingerprint(model: nn.Module, exchange: "Exchange | None" = None) -> str:
     """SHA-256 over the shared frozen tensors (names, shapes, float32 bytes) and
     a sample of the pretrained weights."""
     h = hashlib.sha256(_base_digest(model).encode())
     params = dict((_clean(n), p) for n, p in model.named_parameters())
-    for name in sorted(shared_frozen_names(model)):
+    for name in sorted(shared_frozen_names(model, exchange)):
         t = params[name].detach().cpu().to(torch.float32).contiguous()
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())
         h.update(t.numpy().tobytes())
     return h.hexdigest()
+
+
+# -- what each method moves -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """Which LoRA factors a method trains and which cross the network, each way
+    (the head travels both ways iff it trains). The defaults are vanilla LoRA."""
+
+    train_a: bool = True  # clients train A
+    a_down: bool = True  # the server sends A (FedSVD: frozen on clients, yet sent)
+    b_down: bool = True  # the server sends B (not FLoRA, which restarts it; not FedSA, where B is personal)
+    b_up: bool = True  # clients send B back (FedSA: False, B stays on the node)
+    restart: bool = False  # A and B re-drawn from the seed before each round (FLoRA)
+    base_delta: bool = False  # the server also sends a cumulative update of the frozen base weights
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "Exchange":
+        """LoRA or FFA-LoRA, read from the model's trainable set."""
+        a = any(p.requires_grad for n, p in model.named_parameters() if is_lora_a(n))
+        return cls(train_a=a, a_down=a)
+
+
+def _is_sent(name: str, trains: bool, a: bool, b: bool) -> bool:
+    return (is_lora_a(name) and a) or (is_lora_b(name) and b) or (is_head(name) and trains)
+
+
+def down_names(model: nn.Module, ex: Exchange) -> list[str]:
+    """Tensors the server sends (besides base-delta entries)."""
+    return [_clean(n) for n, p in model.named_parameters() if _is_sent(n, p.requires_grad, ex.a_down, ex.b_down)]
+
+
+def up_names(model: nn.Module, ex: Exchange) -> list[str]:
+    """Tensors a client sends back: what it trained, less a personal B."""
+    return [_clean(n) for n, p in model.named_parameters() if p.requires_grad and not (is_lora_b(n) and not ex.b_up)]
+
+
+def personal_names(model: nn.Module, ex: Exchange) -> list[str]:
+    """Trained tensors that never leave the node (FedSA-LoRA's B)."""
+    return [] if ex.b_up else [_clean(n) for n, p in model.named_parameters() if is_lora_b(n) and p.requires_grad]
+
+
+def global_names(model: nn.Module, ex: Exchange) -> list[str]:
+    """The server's adapter state: what it sends and what it receives."""
+    return sorted(set(down_names(model, ex)) | set(up_names(model, ex)))
+
+
+DELTA, DELTA_U, DELTA_V = ".fedlora_delta", ".fedlora_delta_u", ".fedlora_delta_v"
+
+
+def is_delta(key: str) -> bool:
+    return key.endswith((DELTA, DELTA_U, DELTA_V))
+
+
+def lora_module(key: str) -> str:
+    """The LoRA layer a factor's key belongs to."""
+    return key.split(".lora_A.")[0].split(".lora_B.")[0]
+
+
+def _f64(value) -> np.ndarray:
+    return np.asarray(value.numpy() if isinstance(value, Array) else value, dtype=np.float64)
+
+
+def base_delta(arrays: Mapping, module: str) -> np.ndarray | None:
+    """A layer's cumulative base-weight update (d_out x d_in), or None; ``arrays``
+    maps keys to flwr Arrays or numpy arrays."""
+    if module + DELTA in arrays:
+        return _f64(arrays[module + DELTA])
+    if module + DELTA_U in arrays:
+        return _f64(arrays[module + DELTA_U]) @ _f64(arrays[module + DELTA_V])
+    return None
+
+
+def add_base_delta(state: dict[str, np.ndarray], module: str, u: np.ndarray, v: np.ndarray) -> None:
+    """Add u @ v to a layer's cumulative base update in ``state`` (in place).
+
+    Kept as stacked factors (U: d_out x R, V: R x d_in) while R (d_out + d_in)
+    < d_out d_in, i.e. while that is fewer bytes than the dense matrix; dense after."""
+    u, v = np.asarray(u, np.float64), np.asarray(v, np.float64)
+    keep = np.any(u != 0, axis=0) & np.any(v != 0, axis=1)  # zero terms (e.g. rank padding) add nothing
+    u, v = u[:, keep], v[keep]
+    if module + DELTA_U in state:
+        u = np.concatenate([state.pop(module + DELTA_U), u], axis=1)
+        v = np.concatenate([state.pop(module + DELTA_V), v], axis=0)
+    d_out, d_in = u.shape[0], v.shape[1]
+    if module + DELTA in state or u.shape[1] * (d_out + d_in) >= d_out * d_in:
+        dense = state.pop(module + DELTA, np.zeros((d_out, d_in)))
+        state[module + DELTA] = (np.asarray(dense, np.float64) + u @ v).astype(np.float32)
+    else:
+        state[module + DELTA_U], state[module + DELTA_V] = u.astype(np.float32), v.astype(np.float32)
+
+
+def _lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {_clean(n): m for n, m in model.named_modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A")}
+
+
+@torch.no_grad()
+def set_base_delta(model: nn.Module, arrays: Mapping) -> None:
+    """Frozen base weight of every LoRA layer := pretrained + its delta in
+    ``arrays`` (pretrained where none). Absolute, so a node that missed rounds,
+    or a process shared by nodes, always holds the run's current base."""
+    _base_digest(model)  # the fingerprint samples the pretrained weights: before any change
+    for name, layer in _lora_layers(model).items():
+        weight = layer.base_layer.weight
+        pretrained = layer.__dict__.setdefault("_fedlora_pretrained", weight.detach().clone())
+        delta = base_delta(arrays, name)
+        weight.copy_(pretrained if delta is None else pretrained + torch.from_numpy(delta).to(pretrained))
+
+
+def load_global(model: nn.Module, arrays: ArrayRecord, ex: Exchange, *, names: Iterable[str] | None = None, sender: str = "server") -> None:
+    """Load an adapter state (``names``, default ``global_names``) and, for
+    methods that merge into the base, the base delta it carries."""
+    expected = set(global_names(model, ex) if names is None else names)
+    load_arrays(model, ArrayRecord({k: arrays[k] for k in arrays.keys() if not is_delta(k)}), sender=sender, names=expected)
+    if ex.base_delta:
+        set_base_delta(model, {k: arrays[k] for k in arrays.keys() if is_delta(k)})
+    elif any(is_delta(k) for k in arrays.keys()):
+        raise PayloadError(f"payload from {sender} carries a base-weight update this method does not use")
+
+
+def _fit_rank(model: nn.Module, arrays: ArrayRecord) -> ArrayRecord:
+    """A node of a lower rank r_k takes the first r_k rows of each A and columns of
+    each B (HetLoRA-style truncation)."""
+    shapes = {_clean(n): tuple(p.shape) for n, p in model.named_parameters()}
+    out = {}
+    for key in arrays.keys():
+        value, shape = arrays[key], shapes.get(key)
+        if shape and tuple(value.shape) != shape and (is_lora_a(key) or is_lora_b(key)):
+            value = Array(np.ascontiguousarray(value.numpy()[: shape[0], : shape[1]]))
+        out[key] = value
+    return ArrayRecord(out)
+
+
+@torch.no_grad()
+def load_down(model: nn.Module, arrays: ArrayRecord, ex: Exchange, seed: int, personal: ArrayRecord | None = None) -> None:
+    """On a node, before a round: restart the factors (FLoRA), load what the
+    server sent, and this node's personal tensors (zero before its first round)."""
+    if ex.restart:  # a frozen head is re-drawn identically; a trained one comes in ``arrays``
+        init_shared(model, seed)
+    load_global(model, _fit_rank(model, arrays), ex, names=down_names(model, ex))
+    if mine := personal_names(model, ex):
+        if personal is None:
+            params = dict((_clean(n), p) for n, p in model.named_parameters())
+            for name in mine:
+                params[name].zero_()
+        else:
+            load_arrays(model, personal, sender="this node's personal state", names=mine)

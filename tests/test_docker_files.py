@@ -256,8 +256,11 @@ def test_deployment_secrets_and_data_stay_out_of_the_app_bundle():
                "docker/certs/superlink.key", "docker/secrets/superlink.secret", "docker/client.env"]
     files = {p: b'{"text": "private", "label": 0}\n' for p in private}
     files.update({"pyproject.toml": (ROOT / "pyproject.toml").read_bytes(), ".gitignore": (ROOT / ".gitignore").read_bytes(),
-                  "docker/compose.yml": (DOCKER / "compose.yml").read_bytes(), "fedlora/__init__.py": b""})
+                  "docker/compose.yml": (DOCKER / "compose.yml").read_bytes(), "fedlora/__init__.py": b"",
+                  "README.md": b"# app", "experiments/results/run/metrics.jsonl": b"{}\n"})
     fab, _ = build_fab_from_files(files)
     names = set(zipfile.ZipFile(io.BytesIO(fab)).namelist())
-    assert "docker/compose.yml" in names  # the filter is not simply dropping docker/
+    # pyproject's fab-include ships the package and the README only.
+    assert {"fedlora/__init__.py", "README.md"} <= names
+    assert not {n for n in names if n.startswith(("docker/", "experiments/"))}, names
     assert not names & set(private), names & set(private)

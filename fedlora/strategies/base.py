@@ -9,12 +9,14 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 
 from .. import validation, wire
-from ..config import AGGREGATIONS
+from ..config import AGGREGATIONS, ConfigError
+from ..user_dp import UserDP
 
 log = logging.getLogger("fedlora")
 
@@ -34,6 +36,7 @@ class RoundStats:
     replies: int = 0
     failures: list[str] = field(default_factory=list)
     epsilon: float = 0.0  # max over clients of the epsilon spent so far
+    user_epsilon: float | None = None  # user-level (central) DP spent so far; None = no user-level DP
     client_metrics: dict[int, dict] = field(default_factory=dict)
     client_eval: dict[str, float] = field(default_factory=dict)  # example-weighted, from evaluate replies
 
@@ -77,13 +80,22 @@ class FedLoraStrategy(FedAvg):
     """
 
     name = ""
-    train_lora_a = True
+    exchange = wire.Exchange()  # what clients train, and what crosses the network each way
+    train_lora_a = True  # = exchange.train_a (set for every subclass)
     exact_aggregation = False  # mean of the factors == mean of the products?
+    robust_ok = True  # False: the method's math needs the example-weighted mean
+    mixed_ranks = "zero-padding"  # how replies of a lower rank are aggregated ("" = refused)
+    user_dp_ok = True  # False: what the server releases is not the (noised) mean of the updates
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.train_lora_a = cls.exchange.train_a
 
     def __init__(
         self, *, payload_shapes: dict[str, tuple[int, ...]], fingerprint: str, extra_config: dict | None = None,
         min_replies: int = 1, max_norm_ratio: float = 0.0,
-        aggregation: str = "mean", trim_fraction: float = 0.2, clip_norm: float = 0.0, **kwargs,
+        aggregation: str = "mean", trim_fraction: float = 0.2, clip_norm: float = 0.0,
+        down_keys: Iterable[str] | None = None, lora_scale: float = 1.0, user_dp: UserDP | None = None, **kwargs,
     ) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", aggregate_train_metrics)
         super().__init__(**kwargs)
@@ -91,6 +103,8 @@ class FedLoraStrategy(FedAvg):
         # coordinate-wise median (FedMedian) or trimmed mean (FedTrimmedAvg), unweighted.
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+        if aggregation != "mean" and not self.robust_ok:
+            raise ConfigError("aggregation.method", aggregation, f"strategy {self.name} needs 'mean' (its exact aggregation is defined for the weighted mean)")
         metric_fn = kwargs["train_metrics_aggr_fn"]
         self.aggregation = aggregation
         self._robust: FedAvg | None = None
@@ -99,11 +113,24 @@ class FedLoraStrategy(FedAvg):
         elif aggregation == "trimmed-mean":
             self._robust = FedTrimmedAvg(beta=trim_fraction, train_metrics_aggr_fn=metric_fn)
         self.clip_norm = clip_norm
-        self.payload_shapes = {k: tuple(v) for k, v in payload_shapes.items()}
+        self.payload_shapes = {k: tuple(v) for k, v in payload_shapes.items()}  # what a reply carries
         self.payload_keys = frozenset(self.payload_shapes)
+        self.down_keys = frozenset(self.payload_keys if down_keys is None else down_keys)  # what the server sends
+        self.lora_scale = lora_scale  # PEFT's alpha / r: the layer adds lora_scale * B A x
+        self.current: ArrayRecord | None = None  # the global state this round started from
+        self._up_bytes: dict[int, int] = {}  # node -> bytes of its reply as received (before any padding)
+        self.user_dp = user_dp
+        if user_dp is not None:
+            if not self.user_dp_ok:
+                raise ConfigError("user-dp.mode", user_dp.mode, f"strategy {self.name} releases a base-weight update, a product of each client's factors that update clipping does not bound: no user-level DP")
+            if aggregation != "mean":
+                raise ConfigError("aggregation.method", aggregation, "user-level DP needs 'mean' (its noise is calibrated for the mean of clipped updates)")
+            if user_dp.mode == "client-fixed" and self.down_keys != self.payload_keys:
+                raise ConfigError("user-dp.mode", user_dp.mode, f"Flower's fixedclipping_mod needs a reply with the tensors it received; strategy {self.name} sends others: use server-fixed")
         self.min_replies = min_replies
         self.max_norm_ratio = max_norm_ratio
         self._sent: dict[int, tuple[set[int], dict]] = {}  # round -> (selected nodes, arrays sent)
+        self._sent_msgs: list[Message] = []  # this round's train messages (the grid sets their ids when it pushes them)
         self.fingerprint = fingerprint
         self.extra_config = dict(extra_config or {})
         self.rounds: dict[int, RoundStats] = {}
@@ -121,18 +148,33 @@ class FedLoraStrategy(FedAvg):
             config[k] = v
         return config
 
+    def down_arrays(self, arrays: ArrayRecord) -> ArrayRecord:
+        """What the server sends of its global state: the method's tensors and any base delta."""
+        return ArrayRecord({k: arrays[k] for k in arrays.keys() if k in self.down_keys or wire.is_delta(k)})
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         stats = self.rounds[server_round] = RoundStats()
-        messages = list(super().configure_train(server_round, arrays, self._with_run_config(config), grid))
+        self.current = arrays
+        down = self.down_arrays(arrays)
+        config = self._with_run_config(config)
+        if self.user_dp is not None:
+            self.user_dp.configure(config)
+        messages = list(super().configure_train(server_round, down, config, grid))
+        if self.user_dp is not None and len(messages) != self.user_dp.num_sampled:
+            raise RuntimeError(f"user-level DP is calibrated for {self.user_dp.num_sampled} clients per round, {len(messages)} were sampled")
         stats.sampled = len(messages)
-        stats.bytes_down = wire.nbytes(arrays) * len(messages)
-        self._sent = {server_round: ({m.metadata.dst_node_id for m in messages}, {k: v.numpy() for k, v in arrays.items()})}
+        stats.bytes_down = wire.nbytes(down) * len(messages)
+        # A reply's update is relative to where its node started: the global values of the reply's keys.
+        start = {k: arrays[k].numpy() for k in arrays.keys() if k in self.payload_keys}  # in the state's (fixed) order
+        self._sent = {server_round: ({m.metadata.dst_node_id for m in messages}, start)}
+        self._sent_msgs = messages
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        messages = list(super().configure_evaluate(server_round, arrays, self._with_run_config(config), grid))
+        down = self.down_arrays(arrays)
+        messages = list(super().configure_evaluate(server_round, down, self._with_run_config(config), grid))
         if server_round in self.rounds:
-            self.rounds[server_round].bytes_down += wire.nbytes(arrays) * len(messages)
+            self.rounds[server_round].bytes_down += wire.nbytes(down) * len(messages)
         return messages
 
     def _refuse(self, stats: RoundStats, node: int, reason: str) -> None:
@@ -140,17 +182,27 @@ class FedLoraStrategy(FedAvg):
 
     def _valid_replies(self, server_round: int, replies: list[Message], stats: RoundStats) -> list[Message]:
         selected, sent = self._sent.get(server_round, (None, None))
-        good = []
+        good, self._up_bytes = [], {}
+        to_node = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent_msgs if m.metadata.message_id}
+        heard = set()
         for msg in replies:
             node = msg.metadata.src_node_id
+            if msg.has_error() and selected is not None and node not in selected:
+                # The SuperLink answers for a node that left: name that node.
+                node = to_node.get(msg.metadata.reply_to_message_id, node)
+            heard.add(node)
             if msg.has_error():
                 self._refuse(stats, node, msg.error.reason)
             elif selected is not None and node not in selected:
                 self._refuse(stats, node, "not selected for this round")
-            elif reason := validation.check_reply(msg.content, self.payload_shapes):
+            elif reason := validation.check_reply(msg.content, self.payload_shapes, flexible_rank=bool(self.mixed_ranks)):
                 self._refuse(stats, node, reason)
             else:
+                self._up_bytes[node] = sum(wire.nbytes(r) for r in msg.content.array_records.values())
+                self._pad_ranks(msg.content)
                 good.append(msg)
+        for node in sorted((selected or set()) - heard):
+            self._refuse(stats, node, "no reply within round-timeout (the node left, or is too slow)")
         if sent is not None:
             norms = {m.metadata.src_node_id: validation.update_norm(m.content, sent) for m in good}
             outliers = validation.norm_outliers(norms, self.max_norm_ratio)
@@ -161,6 +213,18 @@ class FedLoraStrategy(FedAvg):
         # order, so a resumed seeded run ends exactly where an uninterrupted one does.
         return sorted(good, key=_content_digest)
 
+    def _pad_ranks(self, content: RecordDict) -> None:
+        """A lower-rank reply (heterogeneous ranks; HetLoRA's zero-padding, Cho et al., EMNLP 2024)
+        is zero-padded to the global rank, in place: zero rows of A and columns of B,
+        so each client's product B A is unchanged."""
+        record = next(iter(content.array_records.values()))
+        for key, expected in self.payload_shapes.items():
+            value = record[key].numpy()
+            if value.shape != tuple(expected):
+                padded = np.zeros(expected, np.float32)
+                padded[: value.shape[0], : value.shape[1]] = value
+                record[key] = Array(padded)
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         stats = self.rounds.setdefault(server_round, RoundStats())
         good = self._valid_replies(server_round, list(replies), stats)
@@ -170,9 +234,14 @@ class FedLoraStrategy(FedAvg):
             log.warning("round %d: %d valid replies, fewer than min-replies=%d: the global adapter is kept",
                         server_round, len(good), self.min_replies)
             good = []
+        if self.user_dp is not None and good and len(good) != self.user_dp.num_sampled:
+            # The noise is calibrated for the mean of exactly num_sampled clipped updates.
+            stats.failures.append(f"user-level DP: {len(good)} valid replies of {self.user_dp.num_sampled} sampled; the global adapter is kept")
+            log.warning("round %d: %s", server_round, stats.failures[-1])
+            good = []
         stats.replies = len(good)
         for m in good:
-            stats.bytes_up += sum(wire.nbytes(r) for r in m.content.array_records.values())
+            stats.bytes_up += self._up_bytes.pop(m.metadata.src_node_id)
             metrics = dict(next(iter(m.content.metric_records.values())))
             stats.client_metrics[m.metadata.src_node_id] = metrics
             node = m.metadata.src_node_id
@@ -180,17 +249,55 @@ class FedLoraStrategy(FedAvg):
         # Privacy spent so far: the max over every node that ever trained, not only this round's.
         stats.epsilon = max(self.spent.values(), default=0.0)
         if not good:
+            if self.user_dp is not None:
+                stats.user_epsilon = self.user_dp.epsilon()
             return None, None
         if self.clip_norm > 0 and (sent := self._sent.get(server_round, (None, None))[1]) is not None:
             for m in good:
                 if (scale := validation.clip_update(m.content, sent, self.clip_norm)) < 1:
                     log.info("round %d: node %d's update clipped (x%.3g)", server_round, m.metadata.src_node_id, scale)
-        if self._robust is not None:
-            return self._robust.aggregate_train(server_round, good)
-        return super().aggregate_train(server_round, good)
+        if self.user_dp is not None:
+            start = self._sent[server_round][1]
+            arrays = self.user_dp.aggregate(server_round, [m.content for m in good], start)
+            metrics = self.train_metrics_aggr_fn([m.content for m in good], self.weighted_by_key)
+            stats.user_epsilon = self.user_dp.epsilon()
+        else:
+            aggregate = self._robust.aggregate_train if self._robust is not None else super().aggregate_train
+            arrays, metrics = aggregate(server_round, good)
+        if arrays is not None:
+            arrays = self.merge(arrays, [m.content for m in good])
+        return arrays, metrics
+
+    def state(self) -> dict:
+        """What a checkpoint must keep besides the global arrays."""
+        return {"user-dp": self.user_dp.state()} if self.user_dp is not None else {}
+
+    def load_state(self, state: dict) -> None:
+        if self.user_dp is not None and "user-dp" in state:
+            self.user_dp.load_state(state["user-dp"])
+
+    def merge(self, aggregated: ArrayRecord, replies: list[RecordDict]) -> ArrayRecord:
+        """The new global state from the aggregated payload (and, for methods
+        that need them, the individual replies): here the round's start with the
+        aggregated tensors replaced."""
+        if self.current is None:
+            return aggregated
+        return ArrayRecord({**{k: self.current[k] for k in self.current.keys()}, **{k: aggregated[k] for k in aggregated.keys()}})
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         metrics = super().aggregate_evaluate(server_round, replies)
         if metrics is not None and server_round in self.rounds:
             self.rounds[server_round].client_eval = {k: float(v) for k, v in metrics.items() if not isinstance(v, list)}
         return metrics
+
+
+def weighted_replies(replies: list[RecordDict], weight_key: str = validation.WEIGHT_KEY) -> list[tuple[float, dict]]:
+    """(example weight n_k / sum n, {key: float64 array}) per reply, in the given order."""
+    records = [(next(iter(r.metric_records.values())), next(iter(r.array_records.values()))) for r in replies]
+    total = sum(float(m[weight_key]) for m, _ in records)
+    return [(float(m[weight_key]) / total, {k: np.asarray(a.numpy(), np.float64) for k, a in arrays.items()}) for m, arrays in records]
+
+
+def factor_keys(keys) -> list[tuple[str, str]]:
+    """(A key, B key) of every LoRA layer among ``keys``."""
+    return [(k, k.replace(".lora_A.", ".lora_B.")) for k in sorted(keys) if ".lora_A." in k]

@@ -4,10 +4,12 @@ node; only B is trained and sent. Because every client shares A,
 mean(B_k)·A = mean(B_k·A): aggregation is exact, and uploads are half of LoRA's
 (for square targets, as in attention's query/value)."""
 
+from .. import wire
 from .base import FedLoraStrategy
 
 
 class FfaLoraStrategy(FedLoraStrategy):
     name = "ffa-lora"
-    train_lora_a = False
+    exchange = wire.Exchange(train_a=False, a_down=False)
     exact_aggregation = True
+    mixed_ranks = ""  # A is frozen at a shared init that every node must hold identically

@@ -2,10 +2,11 @@
 factor separately, weighted by examples. Inexact: mean(B)·mean(A) is not
 mean(B·A) once clients' A differ."""
 
+from .. import wire
 from .base import FedLoraStrategy
 
 
 class LoraStrategy(FedLoraStrategy):
     name = "lora"
-    train_lora_a = True
+    exchange = wire.Exchange()
     exact_aggregation = False

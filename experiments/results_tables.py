@@ -1,0 +1,135 @@
+"""Print the Markdown tables of docs/RESULTS.md from the committed run folders.
+
+    python experiments/results_tables.py            # after (or during) the grids
+    fedlora report experiments/results/sst2         # the same runs as plots
+
+Every number comes from the runs' metrics.jsonl / config.json under
+experiments/results/; incomplete runs are left out and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections import defaultdict
+
+from fedlora.report import Run, find_runs, mean_std
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+STRATEGIES = ("lora", "ffa-lora")
+
+
+def _complete(name: str) -> tuple[list[Run], int]:
+    runs = find_runs([os.path.join(ROOT, name)]) if os.path.isdir(os.path.join(ROOT, name)) else []
+    done = [r for r in runs if r.complete]
+    return done, len(runs) - len(done)
+
+
+def _fmt(values: list[float], digits: int = 3) -> str:
+    if not values:
+        return "–"
+    m, s = mean_std(values)
+    return f"{m:.{digits}f} ± {s:.{digits}f} (n={len(values)})" if len(values) > 1 else f"{m:.{digits}f} (n=1)"
+
+
+def _eps(e: float) -> str:
+    return "non-private" if not e else f"{e:g}"
+
+
+def _by(runs: list[Run], *keys: str) -> dict[tuple, list[Run]]:
+    out: dict[tuple, list[Run]] = defaultdict(list)
+    for r in runs:
+        out[tuple(r.config.get(k) for k in keys)].append(r)
+    return out
+
+
+def _wall(name: str) -> str:
+    path = os.path.join(ROOT, name, "grid-log.jsonl")
+    if not os.path.exists(path):
+        return "no grid log"
+    rows = [json.loads(line) for line in open(path)]
+    done = [r for r in rows if r["status"] == "done"]
+    return f"{sum(r['wall_seconds'] for r in rows) / 60:.0f} min of wall time over {len(rows)} subprocess runs ({len(done)} completed)"
+
+
+def sweep() -> None:
+    runs, partial = _complete("sst2-sweep")
+    print("### Learning-rate sweep (SST-2, IID, ε = 3, seed 0)\n")
+    print("| strategy | learning rate | final accuracy | best accuracy | ε spent |\n|---|---|---|---|---|")
+    for r in sorted(runs, key=lambda r: (r.config["strategy"], r.config["learning-rate"])):
+        print(f"| {r.config['strategy']} | {r.config['learning-rate']:g} | {r.final['accuracy']:.4f} | "
+              f"{max(x['accuracy'] for x in r.rows):.4f} | {r.final['epsilon']:.3f} |")
+    print(f"\n{len(runs)} runs complete, {partial} incomplete; {_wall('sst2-sweep')}.\n")
+
+
+def main_grid() -> None:
+    runs, partial = _complete("sst2")
+    groups = _by(runs, "partition.method", "dp.epsilon", "strategy")
+    for split in ("iid", "dirichlet"):
+        label = "IID" if split == "iid" else "Dirichlet(0.5) label skew"
+        print(f"### SST-2, 3 clients, {label}: final accuracy, mean ± std over seeds\n")
+        print("| ε | LoRA | FFA-LoRA | FFA − LoRA |\n|---|---|---|---|")
+        for eps in (0.0, 6.0, 3.0, 1.0):
+            cells = {s: [r.final["accuracy"] for r in groups.get((split, eps, s), [])] for s in STRATEGIES}
+            diff = "–"
+            if cells["lora"] and cells["ffa-lora"]:
+                diff = f"{mean_std(cells['ffa-lora'])[0] - mean_std(cells['lora'])[0]:+.3f}"
+            print(f"| {_eps(eps)} | {_fmt(cells['lora'])} | {_fmt(cells['ffa-lora'])} | {diff} |")
+        print()
+    print(f"{len(runs)} runs complete, {partial} incomplete; {_wall('sst2')}.\n")
+
+
+def communication(target: float) -> None:
+    runs, _ = _complete("sst2")
+    print(f"### Communication (SST-2, IID; target accuracy {target:.2f})\n")
+    print("| strategy | ε | upload per client per round | upload per round (all clients) | rounds to target | uploaded to reach target |")
+    print("|---|---|---|---|---|---|")
+    for (eps, strategy), reps in sorted(_by([r for r in runs if r.config["partition.method"] == "iid"], "dp.epsilon", "strategy").items()):
+        per_round = reps[0].rows[1]["bytes_up"]
+        clients = reps[0].rows[1]["clients"]
+        reached = []
+        for r in reps:
+            hit = next((x for x in r.rows if x["accuracy"] >= target), None)
+            reached.append((hit["round"], hit["cum_bytes_up"]) if hit else None)
+        got = [x for x in reached if x]
+        rounds = f"{mean_std([x[0] for x in got])[0]:.1f} ({len(got)}/{len(reached)} seeds)" if got else f"not reached (0/{len(reached)})"
+        upload = f"{mean_std([x[1] for x in got])[0] / 1e6:.2f} MB" if got else "–"
+        print(f"| {strategy} | {_eps(eps)} | {per_round / clients / 1e3:.1f} kB | {per_round / 1e6:.3f} MB | {rounds} | {upload} |")
+    print()
+
+
+def alpha() -> None:
+    runs, partial = _complete("sst2-alpha")
+    groups = _by(runs, "strategy", "lora.alpha")
+    alphas = sorted({r.config["lora.alpha"] for r in runs})
+    print("### Sensitivity to LoRA alpha (SST-2, IID, ε = 3)\n")
+    print("| strategy | " + " | ".join(f"α={a:g}" for a in alphas) + " | spread (max − min) |")
+    print("|---|" + "---|" * (len(alphas) + 1))
+    for s in STRATEGIES:
+        accs = [mean_std([r.final["accuracy"] for r in groups[(s, a)]])[0] if groups.get((s, a)) else None for a in alphas]
+        cells = [f"{x:.4f}" if x is not None else "–" for x in accs]
+        got = [x for x in accs if x is not None]
+        print(f"| {s} | " + " | ".join(cells) + f" | {max(got) - min(got):.4f} |" if got else f"| {s} | " + " | ".join(cells) + " | – |")
+    print(f"\n{len(runs)} runs complete, {partial} incomplete; {_wall('sst2-alpha')}.\n")
+
+
+def rte() -> None:
+    runs, partial = _complete("rte")
+    print("### RTE (sentence pairs), ε = 3\n")
+    print("| strategy | final accuracy | best accuracy |\n|---|---|---|")
+    for (s,), reps in sorted(_by(runs, "strategy").items()):
+        print(f"| {s} | {_fmt([r.final['accuracy'] for r in reps])} | {_fmt([max(x['accuracy'] for x in r.rows) for r in reps])} |")
+    majority = {r.majority for r in runs}
+    if majority:
+        print(f"\nMajority class of RTE validation: {max(majority):.4f}.")
+    print(f"\n{len(runs)} runs complete, {partial} incomplete; {_wall('rte')}.\n")
+
+
+if __name__ == "__main__":
+    target = float(sys.argv[1]) if len(sys.argv) > 1 else 0.70
+    sweep()
+    main_grid()
+    communication(target)
+    alpha()
+    rte()

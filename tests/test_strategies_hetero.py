@@ -1,0 +1,114 @@
+"""Heterogeneous LoRA ranks: zero-padding (HetLoRA-style), FLoRA's stacking,
+and a clear refusal where a method cannot mix ranks."""
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from fedlora import node, wire
+from fedlora.config import ConfigError, parse_run_config
+from fedlora.model import build_model
+from fedlora.strategies import FedExLoraStrategy, FfaLoraStrategy, FloraStrategy, LoraStrategy, get_strategy
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+
+
+KA, KB = "layer.lora_A.default.weight", "layer.lora_B.default.weight"
+SHAPES = {KA: (2, 3), KB: (3, 2)}  # global rank 2
+
+
+class FakeGrid:
+    def get_node_ids(self):
+        return [1, 2]
+
+
+def _reply(node_id, arrays, n):
+    request = Message(RecordDict({}), dst_node_id=node_id, message_type="train")
+    return Message(RecordDict({
+        "arrays": ArrayRecord({k: Array(np.asarray(v, np.float32)) for k, v in arrays.items()}),
+        "metrics": MetricRecord({"num-examples": n}),
+    }), reply_to=request)
+
+
+def _start(strat, state):
+    arrays = ArrayRecord({k: Array(np.asarray(v, np.float32)) for k, v in state.items()})
+    list(strat.configure_train(1, arrays, ConfigRecord(), FakeGrid()))
+
+
+A1, B1 = np.array([[1.0, 2.0, 0.0]]), np.array([[1.0], [0.0], [1.0]])  # node 1: rank 1
+A2, B2 = np.array([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]), np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])  # node 2: rank 2
+
+
+def test_zero_padding_averages_the_padded_factors_and_counts_the_bytes_sent():
+    strat = LoraStrategy(payload_shapes=SHAPES, fingerprint="x")
+    _start(strat, {KA: np.zeros((2, 3)), KB: np.zeros((3, 2))})
+    out, _ = strat.aggregate_train(1, [_reply(1, {KA: A1, KB: B1}, 1), _reply(2, {KA: A2, KB: B2}, 3)])
+    # Node 1's factors get a zero row / column: mean A = [.25 A1 + .75 A2[0]; .75 A2[1]].
+    np.testing.assert_allclose(out[KA].numpy(), [[0.25, 1.25, 0.0], [0.0, 0.0, 0.75]])
+    np.testing.assert_allclose(out[KB].numpy(), [[1.0, 0.0], [0.0, 0.75], [0.25, 0.0]])
+    # Bytes up as received: node 1 sent rank-1 factors, fewer bytes than node 2.
+    sizes = [sum(len(Array(np.asarray(x, np.float32)).data) for x in pair) for pair in ((A1, B1), (A2, B2))]
+    assert strat.rounds[1].bytes_up == sum(sizes) and sizes[0] < sizes[1]
+
+
+def test_padding_keeps_fedex_exact_and_flora_stacks_mixed_ranks_exactly():
+    # Each client's layer moves by s B_k A_k; the global must move by the weighted mean of those.
+    target = 2.0 * (0.25 * B1 @ A1 + 0.75 * B2 @ A2)
+    for cls in (FedExLoraStrategy, FloraStrategy):
+        strat = cls(payload_shapes=SHAPES, fingerprint="x", lora_scale=2.0)
+        _start(strat, {KA: np.zeros((2, 3)), KB: np.zeros((3, 2))})
+        out, _ = strat.aggregate_train(1, [_reply(1, {KA: A1, KB: B1}, 1), _reply(2, {KA: A2, KB: B2}, 3)])
+        state = {k: out[k].numpy() for k in out.keys()}
+        effective = wire.base_delta(state, "layer") + 2.0 * state[KB].astype(np.float64) @ state[KA]
+        np.testing.assert_allclose(effective, target, atol=1e-6, err_msg=cls.name)
+    # FLoRA's stack holds only the real rank-1 terms, 1 + 2 = 3 (padding dropped): 3 x (3 + 3) > 9 -> dense here.
+    u, v = np.ones((3, 1)), np.ones((1, 3))
+    state = {}
+    wire.add_base_delta(state, "big", np.concatenate([u, np.zeros((3, 1))], axis=1), np.concatenate([v, np.zeros((1, 3))]))
+    assert state["big" + wire.DELTA_U].shape == (3, 1)  # the zero (padding) term was dropped
+
+
+def test_a_reply_above_the_global_rank_is_refused():
+    strat = LoraStrategy(payload_shapes=SHAPES, fingerprint="x")
+    _start(strat, {KA: np.zeros((2, 3)), KB: np.zeros((3, 2))})
+    out, _ = strat.aggregate_train(1, [_reply(1, {KA: np.ones((3, 3)), KB: np.ones((3, 3))}, 1), _reply(2, {KA: A2, KB: B2}, 1)])
+    assert any(f.startswith("node 1:") and "shape" in f for f in strat.rounds[1].failures)
+    ffa = FfaLoraStrategy(payload_shapes={KB: (3, 2)}, fingerprint="x")
+    ffa.aggregate_train(1, [_reply(1, {KB: B1}, 1)])
+    assert any(f.startswith("node 1:") and "shape" in f for f in ffa.rounds[1].failures)  # no mixing in FFA-LoRA
+
+
+LABELS = ("0", "1")
+
+
+def test_node_rank_truncates_the_global_factors_and_ffa_refuses(tiny_model_dir, task_dir, tmp_path):
+    node._MODELS.clear()
+    node._NODE_DATA.clear()
+    cfg = {"model": tiny_model_dir, "dataset": task_dir, "cache-dir": str(tmp_path), "lora.r": 4,
+           "lora.client-ranks": "2,4,4", "dp.epsilon": 0.0, "local-steps": 1, "batch-size": 4, "strategy": "lora"}
+    run = parse_run_config(cfg)
+    rt = node.get_runtime(run, {"partition-id": 0, "num-partitions": 3}, LABELS, True)
+    server = build_model(run, 2, train_lora_a=True)
+    a = next(p for n, p in rt.model.named_parameters() if ".lora_A." in n)
+    assert a.shape[0] == 2 and rt.run.lora.alpha / rt.run.lora.r == run.lora.alpha / run.lora.r  # same scale
+    global_arrays = wire.to_arrays(server)
+    payload, metrics = node.train_round(rt, global_arrays, 1, None, exchange=get_strategy("lora").exchange)
+    key = next(k for k in global_arrays.keys() if ".lora_A." in k)
+    assert payload[key].shape == (2, global_arrays[key].shape[1]) and metrics["lora-rank"] == 2
+    # Node config rank (deployment) must be within 1..lora.r.
+    with pytest.raises(ConfigError, match="lora-rank"):
+        node.node_rank(run, {"lora-rank": 9})
+    # FFA-LoRA cannot mix ranks: the node refuses with the key named.
+    with pytest.raises(ConfigError, match="cannot aggregate mixed ranks") as e:
+        node.get_runtime(parse_run_config({**cfg, "strategy": "ffa-lora"}), {"partition-id": 0, "num-partitions": 3}, LABELS, False, "")
+    assert e.value.key == "lora-rank"
+    with pytest.raises(ConfigError, match="one rank per simulated node"):
+        parse_run_config({**cfg, "lora.client-ranks": "2,4"})
+    with pytest.raises(ConfigError, match=r"1\.\.lora\.r"):
+        parse_run_config({**cfg, "lora.client-ranks": "2,8,4"})
