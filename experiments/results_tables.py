@@ -126,6 +126,21 @@ def rte() -> None:
     print(f"\n{len(runs)} runs complete, {partial} incomplete; {_wall('rte')}.\n")
 
 
+def methods() -> None:
+    runs, partial = _complete("sst2-methods")
+    print("### Every method, SST-2, IID, sample-level ε = 3\n")
+    print("| strategy | user-level DP | final accuracy | personalised (client eval) | kB up / client / round | kB down / client / round (last round) | user-level ε |")
+    print("|---|---|---|---|---|---|---|")
+    for (s, mode), reps in sorted(_by(runs, "strategy", "user-dp.mode").items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+        last = reps[0].final
+        clients = max(1, last.get("clients") or 1)
+        personal = [r.final["client_eval_accuracy"] for r in reps if r.final.get("client_eval_accuracy") is not None]
+        user_eps = [r.final["user_epsilon"] for r in reps if r.final.get("user_epsilon") is not None]
+        print(f"| {s} | {mode or 'off'} | {_fmt([r.final['accuracy'] for r in reps])} | {_fmt(personal) if personal else '–'} | "
+              f"{last['bytes_up'] / clients / 1e3:.0f} | {last['bytes_down'] / clients / 1e3:.0f} | {_fmt(user_eps, 2) if user_eps else '–'} |")
+    print(f"\n{len(runs)} runs complete, {partial} incomplete; {_wall('sst2-methods')}.\n")
+
+
 if __name__ == "__main__":
     target = float(sys.argv[1]) if len(sys.argv) > 1 else 0.70
     sweep()
@@ -133,3 +148,4 @@ if __name__ == "__main__":
     communication(target)
     alpha()
     rte()
+    methods()

@@ -86,6 +86,8 @@ class Experiment:
     def __init__(self, run: RunConfig, run_id: int | None = None) -> None:
         self.run = run
         self.method = get_strategy(run.strategy)
+        if run.user_dp.mode == "client-fixed" and any(r != run.lora.r for r in run.lora.client_ranks):
+            raise ConfigError("user-dp.mode", "client-fixed", "Flower's fixedclipping_mod needs replies shaped as what was sent: with mixed ranks use server-fixed")
         if not self.method.mixed_ranks and any(r != run.lora.r for r in run.lora.client_ranks):
             raise ConfigError("lora.client-ranks", ",".join(map(str, run.lora.client_ranks)), f"strategy {run.strategy} cannot aggregate mixed ranks")
         check_available(run.tracking)

@@ -80,7 +80,7 @@ _MAX_NODES_PER_PROCESS = 64
 
 
 def _model_key(run: RunConfig, label_names: tuple[str, ...], train_lora_a: bool) -> str:
-    blob = repr((run.model, run.lora, run.seed, run.train_head, run.dp.enabled, label_names, train_lora_a))
+    blob = repr((run.model, run.strategy, run.lora, run.seed, run.train_head, run.dp.enabled, label_names, train_lora_a))
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

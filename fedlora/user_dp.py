@@ -45,7 +45,7 @@ from flwr.serverapp.strategy import (
 
 from . import validation
 from .config import USER_DP_MODES, ConfigError
-from .privacy import ALPHAS
+from .privacy import ALPHAS, secure_gaussian
 
 log = logging.getLogger("fedlora")
 
@@ -74,6 +74,15 @@ def client_mod(msg: Message, context, call_next) -> Message:
     return call_next(msg, context)
 
 
+class _AdaptiveClipping(DifferentialPrivacyServerSideAdaptiveClipping):
+    """Flower 1.42 passes the noisy fraction of *clipped* updates to its geometric
+    update, so C shrinks when most updates are clipped. Andrew et al. (2021)
+    update with the fraction of *unclipped* ones: C <- C exp(-lr (b - target))."""
+
+    def _geometric_update(self, clipped_fraction: float) -> None:
+        super()._geometric_update(1.0 - clipped_fraction)
+
+
 class UserDP:
     """One run's central DP: the wrapped aggregator and the count of releases."""
 
@@ -86,7 +95,7 @@ class UserDP:
             self.wrapper = DifferentialPrivacyClientSideFixedClipping(mean, noise_multiplier, clip_norm, num_sampled)
         elif mode == "server-adaptive":
             try:
-                self.wrapper = DifferentialPrivacyServerSideAdaptiveClipping(
+                self.wrapper = _AdaptiveClipping(
                     mean, noise_multiplier, num_sampled, initial_clipping_norm=clip_norm,
                     clipped_count_stddev=clipped_count_stddev or None,
                 )
@@ -123,9 +132,16 @@ class UserDP:
                 validation.clip_update(m.content, start, self.clip_norm)
         if self.mode == "server-adaptive":  # Flower clips: the update is reply - start
             self.wrapper.current_arrays = ArrayRecord({k: Array(np.asarray(start[k], np.float32)) for k in keys})
+        clip_used = self.clip_norm
         arrays, _ = self.wrapper.aggregate_train(server_round, copies)
+        out = {k: np.asarray(arrays[k].numpy(), np.float32) for k in keys}
+        if self.mode == "server-adaptive" and self.clip_norm < clip_used:
+            # Flower 1.42 updates C before adding noise of std z·C_new/m; the
+            # round clipped at C_used, so top the noise up to z·C_used/m.
+            std = self.wrapper.noise_multiplier * (clip_used**2 - self.clip_norm**2) ** 0.5 / self.num_sampled
+            out = {k: v + secure_gaussian(v.shape, std).numpy() for k, v in out.items()}
         self.releases += 1
-        return ArrayRecord({k: Array(np.asarray(arrays[k].numpy(), np.float32)) for k in keys})
+        return ArrayRecord({k: Array(v) for k, v in out.items()})
 
     def epsilon(self) -> float:
         return user_epsilon(self.noise_multiplier, self.releases, self.delta)

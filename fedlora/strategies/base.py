@@ -203,7 +203,9 @@ class FedLoraStrategy(FedAvg):
                 good.append(msg)
         for node in sorted((selected or set()) - heard):
             self._refuse(stats, node, "no reply within round-timeout (the node left, or is too slow)")
-        if sent is not None:
+        # Under user-level DP the clip bounds each client's influence; screening by
+        # norm would make the release depend on unnoised norms (and publish them).
+        if sent is not None and self.user_dp is None:
             norms = {m.metadata.src_node_id: validation.update_norm(m.content, sent) for m in good}
             outliers = validation.norm_outliers(norms, self.max_norm_ratio)
             for node, reason in outliers.items():
