@@ -55,11 +55,12 @@ def _wall(name: str) -> str:
 
 def sweep() -> None:
     runs, partial = _complete("sst2-sweep")
-    print("### Learning-rate sweep (SST-2, IID, ε = 3, seed 0)\n")
-    print("| strategy | learning rate | final accuracy | best accuracy | ε spent |\n|---|---|---|---|---|")
-    for r in sorted(runs, key=lambda r: (r.config["strategy"], r.config["learning-rate"])):
-        print(f"| {r.config['strategy']} | {r.config['learning-rate']:g} | {r.final['accuracy']:.4f} | "
-              f"{max(x['accuracy'] for x in r.rows):.4f} | {r.final['epsilon']:.3f} |")
+    print("### Learning-rate sweep (SST-2, IID, seed 0)\n")
+    print("| ε | strategy | learning rate | accuracy by round (0 = initial) | final | ε spent |\n|---|---|---|---|---|---|")
+    for r in sorted(runs, key=lambda r: (-r.config.get("dp.epsilon", 3.0), r.config["strategy"], r.config["learning-rate"])):
+        curve = " → ".join(f"{x['accuracy']:.3f}" for x in r.rows)
+        print(f"| {_eps(r.config.get('dp.epsilon', 3.0))} | {r.config['strategy']} | {r.config['learning-rate']:g} | {curve} | "
+              f"**{r.final['accuracy']:.4f}** | {r.final['epsilon']:.3f} |")
     print(f"\n{len(runs)} runs complete, {partial} incomplete; {_wall('sst2-sweep')}.\n")
 
 

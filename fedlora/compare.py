@@ -290,8 +290,19 @@ def run_one(spec: RunSpec, run_dir: str, state: str, progress: Progress, index: 
     return "done", seconds
 
 
-def run_grid(grid: Grid, *, dry_run: bool = False, timeout: float | None = None) -> int:
-    specs = expand(grid)
+def select(specs: list[RunSpec], only: list[str]) -> list[RunSpec]:
+    """The runs matching every ``KEY=VALUE`` of ``only`` (e.g. seed=0 first, the rest later)."""
+    for item in only:
+        key, sep, value = item.partition("=")
+        if not sep or key.strip() not in DEFAULTS:
+            raise GridError(f"--only {item!r}: expected run-config-key=value")
+        key, wanted = key.strip(), parse_value(value.strip())
+        specs = [s for s in specs if s.overrides.get(key, DEFAULTS[key]) == wanted]
+    return specs
+
+
+def run_grid(grid: Grid, *, dry_run: bool = False, timeout: float | None = None, only: list[str] = ()) -> int:
+    specs = select(expand(grid), list(only))
     out = grid.output_dir
     states = {s.name: run_state(os.path.join(out, s.name), s) for s in specs}
     todo = [s for s in specs if states[s.name] != "done"]
@@ -331,12 +342,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="add a grid axis")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state; run nothing")
     p.add_argument("--timeout", type=float, default=None, help="seconds after which one run is killed")
+    p.add_argument("--only", action="append", default=[], metavar="KEY=VALUE", help="run only the grid's runs with this value")
 
 
 def main(args: argparse.Namespace) -> int:
     try:
         grid = load_grid(args.grid_file, args.set, args.grid, args.output_dir)
-        return run_grid(grid, dry_run=args.dry_run, timeout=args.timeout)
+        return run_grid(grid, dry_run=args.dry_run, timeout=args.timeout, only=args.only)
     except (GridError, OSError, tomllib.TOMLDecodeError) as e:
         print(f"fedlora compare: {e}", file=sys.stderr)
         return 2

@@ -55,6 +55,18 @@ set = { learning-rate = 8.0 }
     assert len(specs) == 2 * 5 and all("lora.alpha=" in s.name for s in specs)
 
 
+def test_only_selects_a_subset(tmp_path):
+    from fedlora.compare import select
+
+    path = _grid_file(tmp_path, 'output-dir = "o"\n[grid]\nseed = [0, 1]\nstrategy = ["lora", "ffa-lora"]\n')
+    specs = expand(load_grid(path))
+    assert [s.name for s in select(specs, ["seed=1"])] == ["seed=1__strategy=lora", "seed=1__strategy=ffa-lora"]
+    assert [s.name for s in select(specs, ["seed=0", "strategy=ffa-lora"])] == ["seed=0__strategy=ffa-lora"]
+    assert select(specs, ["dp.epsilon=3.0"]) == specs  # the default value matches runs that do not set it
+    with pytest.raises(GridError, match="--only 'nope=1'"):
+        select(specs, ["nope=1"])
+
+
 def test_flag_values_read_as_toml():
     assert parse_value("3") == 3 and parse_value("1e-5") == 1e-5 and parse_value("true") is True
     assert parse_value('"x"') == "x" and parse_value("ffa-lora") == "ffa-lora"
