@@ -47,6 +47,11 @@ def check_reply(content: RecordDict, shapes: dict[str, tuple[int, ...]], flexibl
             return f"{key} has dtype {array.dtype}, expected float32"
         if not np.isfinite(array.numpy()).all():
             return f"{key} has non-finite values"
+    if flexible_rank:  # one rank per layer: A's rows = B's columns
+        for key in shapes:
+            pair = key.replace(".lora_A.", ".lora_B.")
+            if ".lora_A." in key and pair in shapes and record[key].shape[0] != record[pair].shape[1]:
+                return f"{key} has rank {record[key].shape[0]} but {pair} has rank {record[pair].shape[1]}"
     n = metric.get(WEIGHT_KEY)
     if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) or n != int(n) or n <= 0:
         return f"'{WEIGHT_KEY}' must be a positive integer, got {n!r}"

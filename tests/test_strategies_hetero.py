@@ -84,6 +84,14 @@ def test_a_reply_above_the_global_rank_is_refused():
     assert any(f.startswith("node 1:") and "shape" in f for f in ffa.rounds[1].failures)  # no mixing in FFA-LoRA
 
 
+def test_a_reply_whose_factors_disagree_on_the_rank_is_refused():
+    strat = LoraStrategy(payload_shapes=SHAPES, fingerprint="x")
+    _start(strat, {KA: np.zeros((2, 3)), KB: np.zeros((3, 2))})
+    out, _ = strat.aggregate_train(1, [_reply(1, {KA: A1, KB: B2}, 1), _reply(2, {KA: A2, KB: B2}, 1)])
+    assert strat.rounds[1].failures == [f"node 1: {KA} has rank 1 but {KB} has rank 2"]
+    np.testing.assert_allclose(out[KA].numpy(), A2)  # only node 2's reply was used
+
+
 LABELS = ("0", "1")
 
 
