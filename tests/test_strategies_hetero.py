@@ -99,16 +99,28 @@ def test_node_rank_truncates_the_global_factors_and_ffa_refuses(tiny_model_dir, 
     node._MODELS.clear()
     node._NODE_DATA.clear()
     cfg = {"model": tiny_model_dir, "dataset": task_dir, "cache-dir": str(tmp_path), "lora.r": 4,
-           "lora.client-ranks": "2,4,4", "dp.epsilon": 0.0, "local-steps": 1, "batch-size": 4, "strategy": "lora"}
+           "lora.client-ranks": "2,4,4", "dp.epsilon": 0.0, "local-steps": 1, "batch-size": 4, "strategy": "lora",
+           "learning-rate": 1e-12}  # a step too small to move the factors: the reply shows what the node loaded
     run = parse_run_config(cfg)
     rt = node.get_runtime(run, {"partition-id": 0, "num-partitions": 3}, LABELS, True)
     server = build_model(run, 2, train_lora_a=True)
     a = next(p for n, p in rt.model.named_parameters() if ".lora_A." in n)
     assert a.shape[0] == 2 and rt.run.lora.alpha / rt.run.lora.r == run.lora.alpha / run.lora.r  # same scale
+    import torch
+
+    with torch.no_grad():  # a non-zero global B, so truncating it is visible
+        for n, p in server.named_parameters():
+            if ".lora_B." in n:
+                p.copy_(torch.randn_like(p))
     global_arrays = wire.to_arrays(server)
     payload, metrics = node.train_round(rt, global_arrays, 1, None, exchange=get_strategy("lora").exchange)
     key = next(k for k in global_arrays.keys() if ".lora_A." in k)
     assert payload[key].shape == (2, global_arrays[key].shape[1]) and metrics["lora-rank"] == 2
+    for k in global_arrays.keys():  # the node kept the first 2 rows of A and the first 2 columns of B
+        if ".lora_A." in k:
+            np.testing.assert_allclose(payload[k].numpy(), global_arrays[k].numpy()[:2], atol=1e-6)
+        elif ".lora_B." in k:
+            np.testing.assert_allclose(payload[k].numpy(), global_arrays[k].numpy()[:, :2], atol=1e-6)
     # Node config rank (deployment) must be within 1..lora.r.
     with pytest.raises(ConfigError, match="lora-rank"):
         node.node_rank(run, {"lora-rank": 9})
