@@ -1,6 +1,7 @@
 """Aggregation math of FedEx-LoRA, FLoRA, FedSA-LoRA and FedSVD on small
 hand-checkable tensors, and what each method puts on the wire."""
 
+import os
 import numpy as np
 import pytest
 import torch
@@ -264,3 +265,32 @@ def test_checkpoint_keeps_the_merged_base_update_and_resume_restores_it(tiny_mod
     base = resumed.model.get_parameter(f"{layer}.base_layer.weight")
     pretrained = _model(tiny_model_dir, "fedex-lora").get_parameter(f"{layer}.base_layer.weight")
     np.testing.assert_allclose((base - pretrained).detach().numpy(), 0.01, atol=1e-6)
+
+
+def test_fedsa_node_keeps_its_own_b_across_rounds(tiny_model_dir, task_dir, tmp_path):
+    """A FedSA-LoRA node trains round t from the B it saved after round t-1
+    (on disk: a fresh process per round finds it), by round number."""
+    from fedlora import node
+
+    node._MODELS.clear()
+    node._NODE_DATA.clear()
+    run = parse_run_config({"model": tiny_model_dir, "dataset": task_dir, "cache-dir": str(tmp_path), "strategy": "fedsa-lora",
+                            "dp.epsilon": 0.0, "local-steps": 3, "batch-size": 8, "learning-rate": 0.5})
+    ex = get_strategy("fedsa-lora").exchange
+    rt = node.get_runtime(run, {"partition-id": 0, "num-partitions": 3}, ("0", "1"), True)
+    global_arrays = wire.to_arrays(rt.model, wire.down_names(rt.model, ex))
+    pdir = node.personal_dir(rt, "run-key", "node-0")
+    assert node.load_personal(pdir, 0) is None  # round 1 starts from B = 0
+    node.train_round(rt, global_arrays, 1, None, exchange=ex, personal=None)
+    b_after_1 = wire.to_arrays(rt.model, wire.personal_names(rt.model, ex))
+    assert any(np.abs(v.numpy()).max() > 0 for v in b_after_1.values())  # B trained
+    node.save_personal(pdir, 1, b_after_1)
+    # Round 2, as a fresh process would: load by round, train with a step too small to move B.
+    tiny = parse_run_config({**run.raw, "learning-rate": 1e-12})
+    rt2 = node.get_runtime(tiny, {"partition-id": 0, "num-partitions": 3}, ("0", "1"), True)
+    node.train_round(rt2, global_arrays, 2, None, exchange=ex, personal=node.load_personal(pdir, 1))
+    for k, v in wire.to_arrays(rt2.model, wire.personal_names(rt2.model, ex)).items():
+        np.testing.assert_allclose(v.numpy(), b_after_1[k].numpy(), atol=1e-6)
+    node.save_personal(pdir, 2, b_after_1)
+    node.save_personal(pdir, 3, b_after_1)
+    assert sorted(os.listdir(pdir)) == ["2.npz", "3.npz"]  # the current and the previous round only
