@@ -8,6 +8,8 @@ import json
 import os
 import random
 
+import numpy as np
+
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -71,3 +73,36 @@ def tiny_model_dir(tmp_path_factory):
     BertForSequenceClassification(cfg).save_pretrained(d)
     tok.save_pretrained(d)
     return str(d)
+
+
+# -- Flower message helpers for strategy tests (no SuperLink) -----------------------
+
+
+@pytest.fixture
+def server_task_identity():
+    """Flower messages built outside a running SuperLink need a task identity."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+
+
+class FakeGrid:
+    """The part of Flower's Grid a strategy's configure_* reads: the connected nodes."""
+
+    def __init__(self, nodes=(1, 2)):
+        self.nodes = list(nodes)
+
+    def get_node_ids(self):
+        return self.nodes
+
+
+def reply(node: int, arrays: dict, n: int, **metrics):
+    """A node's train reply: ``arrays`` as float32, ``num-examples`` = n, extra metrics."""
+    from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+
+    request = Message(RecordDict({}), dst_node_id=node, message_type="train")
+    return Message(RecordDict({
+        "arrays": ArrayRecord({k: Array(np.asarray(v, np.float32)) for k, v in arrays.items()}),
+        "metrics": MetricRecord({"num-examples": n, **metrics}),
+    }), reply_to=request)

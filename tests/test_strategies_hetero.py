@@ -3,37 +3,21 @@ and a clear refusal where a method cannot mix ranks."""
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord
 
+from conftest import FakeGrid
+from conftest import reply as _reply
 from fedlora import node, wire
 from fedlora.config import ConfigError, parse_run_config
 from fedlora.model import build_model
 from fedlora.strategies import FedExLoraStrategy, FfaLoraStrategy, FloraStrategy, LoraStrategy, get_strategy
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+pytestmark = pytest.mark.usefixtures("server_task_identity")
 
 
 KA, KB = "layer.lora_A.default.weight", "layer.lora_B.default.weight"
 SHAPES = {KA: (2, 3), KB: (3, 2)}  # global rank 2
-
-
-class FakeGrid:
-    def get_node_ids(self):
-        return [1, 2]
-
-
-def _reply(node_id, arrays, n):
-    request = Message(RecordDict({}), dst_node_id=node_id, message_type="train")
-    return Message(RecordDict({
-        "arrays": ArrayRecord({k: Array(np.asarray(v, np.float32)) for k, v in arrays.items()}),
-        "metrics": MetricRecord({"num-examples": n}),
-    }), reply_to=request)
 
 
 def _start(strat, state):

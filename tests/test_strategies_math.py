@@ -5,8 +5,9 @@ import os
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 
+from conftest import FakeGrid, reply
 from fedlora import wire
 from fedlora.config import ConfigError, parse_run_config
 from fedlora.model import build_model, is_lora_a
@@ -16,33 +17,15 @@ from fedlora.strategies import (
 from fedlora.strategies.fedsvd import refactor
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+pytestmark = pytest.mark.usefixtures("server_task_identity")
 
 
 M = "layer"  # one LoRA layer
 KA, KB = f"{M}.lora_A.default.weight", f"{M}.lora_B.default.weight"
 
 
-class FakeGrid:
-    def __init__(self, nodes):
-        self.nodes = nodes
-
-    def get_node_ids(self):
-        return self.nodes
-
-
 def _reply(node: int, arrays: dict, n: int) -> Message:
-    request = Message(RecordDict({}), dst_node_id=node, message_type="train")
-    content = RecordDict({
-        "arrays": ArrayRecord({k: Array(np.asarray(v, np.float32)) for k, v in arrays.items()}),
-        "metrics": MetricRecord({"num-examples": n, "epsilon": 0.0}),
-    })
-    return Message(content, reply_to=request)
+    return reply(node, arrays, n, epsilon=0.0)
 
 
 def _start(strat, server_round: int, state: dict, nodes=(1, 2)) -> list[Message]:

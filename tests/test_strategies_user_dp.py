@@ -7,34 +7,18 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from conftest import FakeGrid
+from conftest import reply as _reply
 from fedlora import user_dp
 from fedlora.config import ConfigError
 from fedlora.privacy import ALPHAS
 from fedlora.strategies import FedExLoraStrategy, FedSvdStrategy, FfaLoraStrategy, FloraStrategy
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+pytestmark = pytest.mark.usefixtures("server_task_identity")
 
 
 KA, KB = "layer.lora_A.default.weight", "layer.lora_B.default.weight"
-
-
-class FakeGrid:
-    def get_node_ids(self):
-        return [1, 2]
-
-
-def _reply(node_id, arrays, n):
-    request = Message(RecordDict({}), dst_node_id=node_id, message_type="train")
-    return Message(RecordDict({
-        "arrays": ArrayRecord({k: Array(np.asarray(v, np.float32)) for k, v in arrays.items()}),
-        "metrics": MetricRecord({"num-examples": n}),
-    }), reply_to=request)
 
 
 # -- the accountant -------------------------------------------------------------------
@@ -120,12 +104,7 @@ def test_no_norm_screening_under_user_dp():
     not dropped (dropping would depend on, and publish, unnoised norms)."""
     dp = user_dp.UserDP("server-fixed", noise_multiplier=1e-12, clip_norm=1.0, delta=1e-5, num_sampled=3)
     strat = FfaLoraStrategy(payload_shapes={KB: (2, 1)}, fingerprint="x", user_dp=dp, max_norm_ratio=2.0)
-
-    class Three(FakeGrid):
-        def get_node_ids(self):
-            return [1, 2, 3]
-
-    list(strat.configure_train(1, ArrayRecord({KB: Array(np.zeros((2, 1), np.float32))}), ConfigRecord(), Three()))
+    list(strat.configure_train(1, ArrayRecord({KB: Array(np.zeros((2, 1), np.float32))}), ConfigRecord(), FakeGrid((1, 2, 3))))
     replies = [_reply(1, {KB: [[0.1], [0.0]]}, 1), _reply(2, {KB: [[0.1], [0.0]]}, 1), _reply(3, {KB: [[100.0], [0.0]]}, 1)]
     out, _ = strat.aggregate_train(1, replies)
     assert strat.rounds[1].failures == [] and dp.releases == 1
