@@ -44,13 +44,22 @@ def _personal_dir(rt: node.NodeRuntime, config: ConfigRecord, context: Context, 
 def train(msg: Message, context: Context) -> Message:
     start = time.perf_counter()  # the whole handling of the message, setup included
     rt, config, ex = _runtime(msg, context)
+    server_round = int(config["server-round"])
+    # A repeated round (a resumed run) gets the update this node already sent, not a new one.
+    rpath = node.reply_path(rt, str(config["run-key"]), _node_key(context))
+    digest = node.arrays_digest(msg.content["arrays"])
+    cached = node.load_reply(rpath, server_round, digest)
+    if cached is not None:
+        log.info("round %d: sending again the update already sent for this round (no new training, no new privacy cost)", server_round)
+        arrays, metrics = cached
+        metrics["client-seconds"] = time.perf_counter() - start
+        return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
     ledger = None
     if rt.run.dp.enabled:
         # Keyed by the run (survives a resumed run) and this node's identity.
         path = node.ledger_path(rt, str(config["run-key"]), _node_key(context))
         record = context.state.config_records.get(LEDGER_RECORD)
         ledger = node.load_ledger(path, str(record["ledger"]) if record else None) or node.plan_ledger(rt)
-    server_round = int(config["server-round"])
     pdir = _personal_dir(rt, config, context, ex)
     arrays, metrics = node.train_round(
         rt, msg.content["arrays"], server_round, ledger,
@@ -63,6 +72,8 @@ def train(msg: Message, context: Context) -> Message:
         node.save_ledger(path, ledger)
         context.state[LEDGER_RECORD] = ConfigRecord({"ledger": ledger.to_json()})
         metrics["noise-multiplier"] = ledger.noise_multiplier
+    # After the ledger: a crash in between re-trains (refused by the ledger), never replays unaccounted steps.
+    node.save_reply(rpath, server_round, digest, arrays, metrics)
     metrics["client-seconds"] = time.perf_counter() - start
     return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import json
 import logging
 import math
 import os
@@ -291,6 +292,54 @@ def save_ledger(path: str, ledger: privacy.PrivacyLedger) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)  # atomic: a crash leaves the old ledger or the new one
+
+
+def reply_path(rt: NodeRuntime, run_key: str, node_key: str) -> str:
+    """Where a node keeps the last update it sent in a run (to replay a repeated round)."""
+    safe = hashlib.sha256(f"{run_key}/{node_key}".encode()).hexdigest()[:32]
+    return os.path.join(cache_dir(rt.run), "replies", f"{safe}.npz")
+
+
+def arrays_digest(arrays: ArrayRecord) -> str:
+    h = hashlib.sha256()
+    for key in sorted(arrays.keys()):
+        value = np.ascontiguousarray(arrays[key].numpy())
+        h.update(f"{key}|{value.dtype}|{value.shape}|".encode())
+        h.update(value.tobytes())
+    return h.hexdigest()
+
+
+_REPLY_META = "__fedlora_reply__"
+
+
+def save_reply(path: str, server_round: int, digest: str, arrays: ArrayRecord, metrics: dict[str, Any]) -> None:
+    """Atomically keep the update just sent for ``server_round`` (given the global ``digest``)."""
+    meta = json.dumps({"round": server_round, "digest": digest, "metrics": metrics}).encode()
+    buf = io.BytesIO()
+    np.savez(buf, **{k: v.numpy() for k, v in arrays.items()}, **{_REPLY_META: np.frombuffer(meta, np.uint8)})
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(buf.getvalue())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_reply(path: str, server_round: int, digest: str) -> tuple[ArrayRecord, dict[str, Any]] | None:
+    """The update already sent for this round and this global model, if any.
+
+    A resumed run repeats the round that was interrupted; a node that had
+    already trained it sends the same update again instead of training anew:
+    re-sending a released update costs no privacy, training again would (and
+    its ledger would refuse)."""
+    if not os.path.exists(path):
+        return None
+    with np.load(path) as npz:
+        meta = json.loads(npz[_REPLY_META].tobytes())
+        if meta["round"] != server_round or meta["digest"] != digest:
+            return None
+        return ArrayRecord({k: Array(npz[k]) for k in npz.files if k != _REPLY_META}), meta["metrics"]
 
 
 def plan_ledger(rt: NodeRuntime) -> privacy.PrivacyLedger:

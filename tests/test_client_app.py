@@ -40,9 +40,23 @@ def test_train_replies_with_b_only_and_persists_the_ledger(tiny_model_dir, task_
     assert 0 < metrics["epsilon"] <= 2.0 and metrics["num-examples"] > 0 and "train-loss" not in metrics
     assert client_app.LEDGER_RECORD in ctx.state.config_records
     assert list((tmp_path / "ledgers").glob("*.json"))
-    # The planned budget is spent: the next round is refused with a clear error.
+    ledger = (next((tmp_path / "ledgers").glob("*.json"))).read_text()
+    # The same round again (a resumed run repeating an interrupted round): the same
+    # update is sent again, nothing is trained or spent.
+    again = client_app.train(msg, ctx)
+    for k in keys:
+        assert (again.content["arrays"][k].numpy() == arrays[k].numpy()).all()
+    assert again.content["metrics"]["epsilon"] == metrics["epsilon"]
+    assert (next((tmp_path / "ledgers").glob("*.json"))).read_text() == ledger
+    # A different global model for that round is trained, and the planned budget is spent: refused.
+    msg.content["arrays"][keys[0]] = type(arrays[keys[0]])(arrays[keys[0]].numpy() + 1.0)
     with pytest.raises(Exception, match="privacy budget exhausted"):
         client_app.train(msg, ctx)
+    # So is the next round.
+    msg2 = Message(RecordDict({"arrays": reply.content["arrays"], "config": ConfigRecord({**dict(msg.content["config"]), "server-round": 2})}),
+                   dst_node_id=7, message_type="train")
+    with pytest.raises(Exception, match="privacy budget exhausted"):
+        client_app.train(msg2, ctx)
 
 
 def test_train_refuses_on_a_foreign_shared_init(tiny_model_dir, task_dir, tmp_path):

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from fedlora.compare import GridError, expand, load_grid, parse_value
@@ -114,14 +115,26 @@ learning-rate = 0.5
 [grid]
 strategy = ["lora", "ffa-lora"]
 """)
-    # Interrupt the grid once the first run has checkpointed round 1.
+    # Interrupt the grid inside round 2 of the first run: once it has checkpointed
+    # round 1 and a node has sent its round-2 update (the hard case for DP ledgers).
     proc = subprocess.Popen([sys.executable, "-m", "fedlora.cli", "compare", grid], cwd=tmp_path, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     first = tmp_path / "grid" / "strategy=lora"
+
+    def sent_round_2():
+        for path in (tmp_path / "cache" / "replies").glob("*.npz"):
+            try:
+                with np.load(path) as npz:
+                    if json.loads(npz["__fedlora_reply__"].tobytes())["round"] == 2:
+                        return True
+            except (OSError, ValueError, KeyError):  # being replaced right now
+                pass
+        return False
+
     deadline = time.monotonic() + 300
-    while not (first / "checkpoint.json").exists():
+    while not ((first / "checkpoint.json").exists() and sent_round_2()):
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() is not None else "no checkpoint in time"
-        time.sleep(0.2)
+        time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (first / "result.json").exists()
@@ -135,6 +148,9 @@ strategy = ["lora", "ffa-lora"]
     for name in ("strategy=lora", "strategy=ffa-lora"):
         rows = _rows(tmp_path / "grid" / name / "metrics.jsonl")
         assert [r["round"] for r in rows] == [0, 1, 2, 3]  # the resumed run has every round once
+        # Every node answered every round: a node that had already trained the
+        # interrupted round sends that update again (its DP ledger would refuse a retrain).
+        assert all(r["clients"] == 2 and r["failures"] == 0 for r in rows[1:]), [r["failure_reasons"] for r in rows]
         assert json.load(open(tmp_path / "grid" / name / "result.json"))["accuracy"] == rows[-1]["accuracy"]
         # Cumulative bytes carry across the resume.
         assert rows[-1]["cum_bytes_up"] == sum(r["bytes_up"] for r in rows)
