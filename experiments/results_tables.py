@@ -105,6 +105,9 @@ def alpha() -> None:
     groups = _by(runs, "strategy", "lora.alpha")
     alphas = sorted({r.config["lora.alpha"] for r in runs})
     print("### Sensitivity to LoRA alpha (SST-2, IID, ε = 3)\n")
+    if not alphas:
+        print(f"No run complete yet ({partial} incomplete).\n")
+        return
     print("| strategy | " + " | ".join(f"α={a:g}" for a in alphas) + " | spread (max − min) |")
     print("|---|" + "---|" * (len(alphas) + 1))
     for s in STRATEGIES:
@@ -118,6 +121,9 @@ def alpha() -> None:
 def rte() -> None:
     runs, partial = _complete("rte")
     print("### RTE (sentence pairs), ε = 3\n")
+    if not runs:
+        print(f"No run complete yet ({partial} incomplete).\n")
+        return
     print("| strategy | final accuracy | best accuracy |\n|---|---|---|")
     for (s,), reps in sorted(_by(runs, "strategy").items()):
         print(f"| {s} | {_fmt([r.final['accuracy'] for r in reps])} | {_fmt([max(x['accuracy'] for x in r.rows) for r in reps])} |")
