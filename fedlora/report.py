@@ -24,6 +24,13 @@ REPLICATE_KEY = "seed"
 HUE_KEY = "strategy"
 
 
+def _value(run_config: dict[str, Any], key: str) -> Any:
+    """A run's value for ``key``; runs recorded before a key existed had its default."""
+    from .config import DEFAULTS
+
+    return run_config.get(key, DEFAULTS.get(key))
+
+
 @dataclass
 class Run:
     path: str
@@ -58,7 +65,7 @@ def find_runs(folders: list[str]) -> list[Run]:
 
 def varying_keys(runs: list[Run]) -> list[str]:
     keys = sorted({k for r in runs for k in r.config} - IGNORED_KEYS)
-    return [k for k in keys if len({json.dumps(r.config.get(k)) for r in runs}) > 1]
+    return [k for k in keys if len({json.dumps(_value(r.config, k)) for r in runs}) > 1]
 
 
 def _label(key: str, value: Any) -> str:
@@ -70,7 +77,7 @@ def _label(key: str, value: Any) -> str:
 def group_runs(runs: list[Run], keys: list[str]) -> dict[tuple, list[Run]]:
     groups: dict[tuple, list[Run]] = defaultdict(list)
     for r in runs:
-        groups[tuple(r.config.get(k) for k in keys)].append(r)
+        groups[tuple(_value(r.config, k) for k in keys)].append(r)
     return dict(sorted(groups.items(), key=lambda kv: json.dumps(kv[0])))
 
 
