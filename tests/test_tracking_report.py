@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -53,9 +54,15 @@ def test_wandb_offline_needs_no_network_and_records_history(tmp_path, monkeypatc
     monkeypatch.setenv("WANDB_SILENT", "true")
     _track(tmp_path, "wandb")
     (record_file,) = glob.glob(str(tmp_path / "run1" / "wandb" / "offline-run-*" / "run-*.wandb"))
-    data = open(record_file, "rb").read()
-    # History items are (key, value_json) protobuf fields: field 16 (b"\x82\x01"), a length byte, the JSON.
-    values = [float(data[m.end() + 1: m.end() + 1 + data[m.end()]]) for m in re.finditer(rb"eval/accuracy\x82\x01", data)]
+    # wandb's core process may still be writing the file after finish() returns: poll.
+    deadline, values = time.monotonic() + 30, []
+    while time.monotonic() < deadline:
+        data = open(record_file, "rb").read()
+        # History items are (key, value_json) protobuf fields: field 16 (b"\x82\x01"), a length byte, the JSON.
+        values = [float(data[m.end() + 1: m.end() + 1 + data[m.end()]]) for m in re.finditer(rb"eval/accuracy\x82\x01", data)]
+        if len(set(values)) >= 3:
+            break
+        time.sleep(0.2)
     assert sorted(set(values)) == [0.5, 0.6, 0.7]
     assert b"num-server-rounds" in data  # the run config went in too
 
