@@ -18,12 +18,13 @@ post-processing. The noise is drawn from numpy's global generator (Flower's
 code), not a cryptographically secure one.
 
 The accountant: with zero-out adjacency (one client's update replaced by
-zero), the sum of clipped updates has sensitivity C, and every released round
-is a Gaussian mechanism of multiplier z; ``user_epsilon`` composes them with
-Opacus' RDP accountant. Flower samples a fixed-size subset of clients, not a
-Poisson sample, so no amplification by sampling is claimed (sample rate 1,
-which bounds the subsampled mechanism too); ``user_epsilon`` takes a sample
-rate only for callers whose client sampling is Poisson.
+zero), the sum of clipped updates has sensitivity C (a lower-rank node's
+update is taken on the rows and columns it trained: ``aggregate``), and every
+released round is a Gaussian mechanism of multiplier z; ``user_epsilon``
+composes them with Opacus' RDP accountant. Flower samples a fixed-size subset
+of clients, not a Poisson sample, so no amplification by sampling is claimed
+(sample rate 1, which bounds the subsampled mechanism too); ``user_epsilon``
+takes a sample rate only for callers whose client sampling is Poisson.
 
 Not covered: FedEx-LoRA's and FLoRA's base update, a product of each client's
 factors whose sensitivity the update clip does not bound (refused), and
@@ -113,18 +114,33 @@ class UserDP:
         if self.mode == "client-fixed":
             config[KEY_CLIPPING_NORM] = self.clip_norm
 
-    def aggregate(self, server_round: int, replies: list[RecordDict], start: dict[str, np.ndarray]) -> ArrayRecord:
+    def aggregate(self, server_round: int, replies: list[RecordDict], start: dict[str, np.ndarray],
+                  starts: list[dict[str, np.ndarray]] | None = None) -> ArrayRecord:
         """Clip (server-side modes), average unweighted, add noise: one release.
 
-        ``start`` is what the clients started from, per payload key. Flower's
-        wrappers match reply and start arrays by position, so both are put in
-        the order of ``start``; the replies are copies (weights and order only)."""
+        ``start`` is what the clients started from, per payload key; ``starts``
+        (one per reply, default ``start``) differ for lower-rank nodes
+        (``validation.reference``). Flower's wrappers clip reply - start with one
+        start for all, so a lower-rank reply is moved onto ``start`` by its own
+        update, and the mean of the starts is restored after the noise: the
+        release is mean_k(start_k + clip(update_k)) + noise. A node's rank is
+        node configuration, not data: the shift is the same for neighbouring
+        datasets and costs no privacy. Flower's wrappers match reply and start
+        arrays by position, so both are put in the order of ``start``; the
+        replies are copies (weights and order only)."""
         keys = list(start)
+        starts = starts or [start] * len(replies)
         copies = []
-        for content in replies:
+        for content, own in zip(replies, starts, strict=True):
             record = next(iter(content.array_records.values()))
+            arrays = {}
+            for k in keys:
+                value = np.asarray(record[k].numpy())
+                if own[k] is not start[k]:  # a lower-rank factor: its update, placed on the common start
+                    value = (start[k] + (value.astype(np.float64) - own[k])).astype(np.float32)
+                arrays[k] = Array(value)
             copies.append(Message(RecordDict({
-                "arrays": ArrayRecord({k: Array(np.asarray(record[k].numpy())) for k in keys}),
+                "arrays": ArrayRecord(arrays),
                 "metrics": MetricRecord({UNIT_WEIGHT: 1}),
             }), dst_node_id=0, message_type="train"))
         if self.mode == "server-fixed":
@@ -140,6 +156,10 @@ class UserDP:
             # round clipped at C_used, so top the noise up to z·C_used/m.
             std = self.wrapper.noise_multiplier * (clip_used**2 - self.clip_norm**2) ** 0.5 / self.num_sampled
             out = {k: v + secure_gaussian(v.shape, std).numpy() for k, v in out.items()}
+        for k in keys:
+            if any(own[k] is not start[k] for own in starts):
+                shift = np.mean([own[k] for own in starts], axis=0) - start[k]
+                out[k] = (out[k] + shift).astype(np.float32)
         self.releases += 1
         return ArrayRecord({k: Array(v) for k, v in out.items()})
 

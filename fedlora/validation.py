@@ -58,6 +58,25 @@ def check_reply(content: RecordDict, shapes: dict[str, tuple[int, ...]], flexibl
     return None
 
 
+def reference(content: RecordDict, sent: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Where the reply's node started, per key, for a reply not yet padded:
+    what the server sent, or for a lower-rank factor (heterogeneous ranks) the
+    first rows of A / columns of B the node kept, zero-padded to the global
+    shape. Measured against it, the update of a rank-r_k node covers only what
+    it trained; the rows it never received pad to zero on both sides."""
+    record = next(iter(content.array_records.values()))
+    out = {}
+    for key, value in sent.items():
+        shape = tuple(record[key].shape)
+        if shape == value.shape:
+            out[key] = value  # the same object: callers may test ``is`` for "not truncated"
+        else:
+            ref = np.zeros_like(value)
+            ref[: shape[0], : shape[1]] = value[: shape[0], : shape[1]]
+            out[key] = ref
+    return out
+
+
 def update_norm(content: RecordDict, sent: dict[str, np.ndarray]) -> float:
     """L2 norm of (reply - what the server sent), over all tensors."""
     record = next(iter(content.array_records.values()))

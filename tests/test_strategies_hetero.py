@@ -76,6 +76,65 @@ def test_a_reply_whose_factors_disagree_on_the_rank_is_refused():
     np.testing.assert_allclose(out[KA].numpy(), A2)  # only node 2's reply was used
 
 
+# -- a lower-rank node's update is what it trained, not the rows it never received ------
+
+A0 = np.array([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])  # global A (rank 2); node 1 keeps row 0 only
+DA = np.array([[0.0, 0.3, 0.0]])  # node 1's change to its row of A (norm 0.3; B unchanged)
+A1_REPLY, B1_REPLY = A0[:1] + DA, np.zeros((3, 1))
+A1_PADDED = np.vstack([A1_REPLY, np.zeros((1, 3))])  # zero-padding (HetLoRA): row 1 was never the node's
+
+
+def _start_a0(strat, nodes=(1, 2)):
+    arrays = ArrayRecord({KA: Array(A0.astype(np.float32)), KB: Array(np.zeros((3, 2), np.float32))})
+    list(strat.configure_train(1, arrays, ConfigRecord(), FakeGrid(nodes)))
+
+
+def test_reference_truncates_and_zero_pads_what_was_sent():
+    from fedlora import validation
+
+    sent = {KA: A0, KB: np.arange(6.0).reshape(3, 2)}
+    ref = validation.reference(_reply(1, {KA: A1_REPLY, KB: np.zeros((3, 1))}, 1).content, sent)
+    np.testing.assert_array_equal(ref[KA], [[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    np.testing.assert_array_equal(ref[KB], [[0.0, 0.0], [2.0, 0.0], [4.0, 0.0]])
+    full = validation.reference(_reply(2, sent, 1).content, sent)
+    assert full[KA] is sent[KA] and full[KB] is sent[KB]  # a full-rank reply starts where the server sent
+
+
+def test_norm_screening_measures_a_lower_rank_update_on_its_own_rank():
+    # Node 1's update has norm 0.3 like the others'; measured against the full
+    # global A it would be sqrt(0.3^2 + 2^2), > 2 x the median: refused before this fix.
+    strat = LoraStrategy(payload_shapes=SHAPES, fingerprint="x", max_norm_ratio=2.0)
+    _start_a0(strat, (1, 2, 3))
+    full = {KA: A0 + [[0.3, 0.0, 0.0], [0.0, 0.0, 0.0]], KB: np.zeros((3, 2))}
+    out, _ = strat.aggregate_train(1, [_reply(1, {KA: A1_REPLY, KB: B1_REPLY}, 1), _reply(2, full, 1), _reply(3, full, 1)])
+    assert strat.rounds[1].failures == [] and strat.rounds[1].replies == 3
+    np.testing.assert_allclose(out[KA].numpy(), (A1_PADDED + 2 * full[KA]) / 3, atol=1e-6)
+
+
+def test_update_clipping_keeps_a_lower_rank_update_within_the_bound_and_its_padding_zero():
+    strat = LoraStrategy(payload_shapes=SHAPES, fingerprint="x", clip_norm=1.0)
+    _start_a0(strat)
+    big = {KA: A0 + [[0.0, 0.0, 3.0], [0.0, 0.0, 4.0]], KB: np.zeros((3, 2))}  # norm 5: clipped to 1
+    out, _ = strat.aggregate_train(1, [_reply(1, {KA: A1_REPLY, KB: B1_REPLY}, 1), _reply(2, big, 1)])
+    # Node 1 (norm 0.3 on its rank) is kept as sent, zero row included; node 2 is scaled by 1/5.
+    np.testing.assert_allclose(out[KA].numpy(), (A1_PADDED + A0 + [[0.0, 0.0, 0.6], [0.0, 0.0, 0.8]]) / 2, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["server-fixed", "server-adaptive"])
+def test_user_dp_clips_a_lower_rank_update_on_its_own_rank(mode):
+    from fedlora import user_dp
+
+    dp = user_dp.UserDP(mode, noise_multiplier=1e-9, clip_norm=1.0, delta=1e-5, num_sampled=2)
+    strat = LoraStrategy(payload_shapes=SHAPES, fingerprint="x", user_dp=dp)
+    _start_a0(strat)
+    big = {KA: A0 + [[0.0, 0.0, 3.0], [0.0, 0.0, 4.0]], KB: np.zeros((3, 2))}  # norm 5: clipped to 1
+    out, _ = strat.aggregate_train(1, [_reply(1, {KA: A1_REPLY, KB: B1_REPLY}, 1), _reply(2, big, 1)])
+    # The release is mean_k(start_k + clip(update_k)) (+ negligible noise): node 1
+    # unclipped with its zero padding, node 2 clipped to norm 1.
+    np.testing.assert_allclose(out[KA].numpy(), (A1_PADDED + A0 + [[0.0, 0.0, 0.6], [0.0, 0.0, 0.8]]) / 2, atol=1e-6)
+    np.testing.assert_allclose(out[KB].numpy(), np.zeros((3, 2)), atol=1e-6)
+
+
 LABELS = ("0", "1")
 
 

@@ -119,6 +119,7 @@ class FedLoraStrategy(FedAvg):
         self.lora_scale = lora_scale  # PEFT's alpha / r: the layer adds lora_scale * B A x
         self.current: ArrayRecord | None = None  # the global state this round started from
         self._up_bytes: dict[int, int] = {}  # node -> bytes of its reply as received (before any padding)
+        self._refs: dict[int, dict[str, np.ndarray]] = {}  # node -> where its update starts (validation.reference)
         self.user_dp = user_dp
         if user_dp is not None:
             if not self.user_dp_ok:
@@ -182,7 +183,7 @@ class FedLoraStrategy(FedAvg):
 
     def _valid_replies(self, server_round: int, replies: list[Message], stats: RoundStats) -> list[Message]:
         selected, sent = self._sent.get(server_round, (None, None))
-        good, self._up_bytes = [], {}
+        good, self._up_bytes, self._refs = [], {}, {}
         to_node = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent_msgs if m.metadata.message_id}
         heard = set()
         for msg in replies:
@@ -199,6 +200,8 @@ class FedLoraStrategy(FedAvg):
                 self._refuse(stats, node, reason)
             else:
                 self._up_bytes[node] = sum(wire.nbytes(r) for r in msg.content.array_records.values())
+                if sent is not None:  # before padding: a lower-rank node's update is on its own rank
+                    self._refs[node] = validation.reference(msg.content, sent)
                 self._pad_ranks(msg.content)
                 good.append(msg)
         for node in sorted((selected or set()) - heard):
@@ -206,7 +209,7 @@ class FedLoraStrategy(FedAvg):
         # Under user-level DP the clip bounds each client's influence; screening by
         # norm would make the release depend on unnoised norms (and publish them).
         if sent is not None and self.user_dp is None:
-            norms = {m.metadata.src_node_id: validation.update_norm(m.content, sent) for m in good}
+            norms = {m.metadata.src_node_id: validation.update_norm(m.content, self._refs[m.metadata.src_node_id]) for m in good}
             outliers = validation.norm_outliers(norms, self.max_norm_ratio)
             for node, reason in outliers.items():
                 self._refuse(stats, node, reason)
@@ -254,13 +257,14 @@ class FedLoraStrategy(FedAvg):
             if self.user_dp is not None:
                 stats.user_epsilon = self.user_dp.epsilon()
             return None, None
-        if self.clip_norm > 0 and (sent := self._sent.get(server_round, (None, None))[1]) is not None:
+        if self.clip_norm > 0 and self._sent.get(server_round, (None, None))[1] is not None:
             for m in good:
-                if (scale := validation.clip_update(m.content, sent, self.clip_norm)) < 1:
+                if (scale := validation.clip_update(m.content, self._refs[m.metadata.src_node_id], self.clip_norm)) < 1:
                     log.info("round %d: node %d's update clipped (x%.3g)", server_round, m.metadata.src_node_id, scale)
         if self.user_dp is not None:
             start = self._sent[server_round][1]
-            arrays = self.user_dp.aggregate(server_round, [m.content for m in good], start)
+            starts = [self._refs[m.metadata.src_node_id] for m in good]
+            arrays = self.user_dp.aggregate(server_round, [m.content for m in good], start, starts)
             metrics = self.train_metrics_aggr_fn([m.content for m in good], self.weighted_by_key)
             stats.user_epsilon = self.user_dp.epsilon()
         else:
