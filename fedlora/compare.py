@@ -214,7 +214,7 @@ class Progress:
         else:
             print(f"[{index}/{self.total}] {name}: starting at round {done_rounds + 1}/{rounds}", flush=True)
 
-    def round(self, row: dict[str, Any], local: str) -> None:
+    def round(self, row: dict[str, Any]) -> None:
         text = f"acc {row['accuracy']:.4f} eps {row['epsilon']:.2f}"
         if self.tty:
             self.rounds.update(1)
@@ -276,7 +276,7 @@ def run_one(spec: RunSpec, run_dir: str, state: str, progress: Progress, index: 
                         progress.local(m.group(1))
                 rows = [r for r in _rows(metrics) if r["round"] > 0]
                 for row in rows[seen:]:
-                    progress.round(row, "")
+                    progress.round(row)
                 seen = max(seen, len(rows))
                 if timeout and time.monotonic() - start > timeout:
                     proc.kill()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import io
 import logging
 import os
 import socket
@@ -15,6 +16,7 @@ import torch
 
 from . import synthetic
 from .config import ConfigError, DataConfig, PartitionConfig
+from .files import write_atomic
 
 log = logging.getLogger("fedlora")
 
@@ -320,10 +322,9 @@ def encode(ds: datasets.Dataset, tokenizer, text_columns, max_length: int, cache
         except Exception as e:  # a torn or stale file: re-tokenise
             log.warning("ignoring unreadable token cache %s (%s)", path, e)
     out = _encode(ds, tokenizer, text_columns, max_length)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    torch.save(out.tensors, tmp)
-    os.replace(tmp, path)  # atomic: concurrent nodes never see half a file
+    buf = io.BytesIO()
+    torch.save(out.tensors, buf)
+    write_atomic(path, buf.getvalue())  # concurrent nodes never see half a file
     return out
 
 

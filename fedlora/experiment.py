@@ -8,7 +8,6 @@ global model, centralised evaluation, and the run's outputs.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -25,6 +24,7 @@ from flwr.app import Array, ArrayRecord, MetricRecord
 from . import data as data_mod
 from . import wire
 from .config import ConfigError, RunConfig
+from .files import write_atomic, write_npz_atomic
 from .model import build_model, count_parameters, load_tokenizer, resolve_model
 from .node import train_size_after_holdout
 from .privacy import PrivacyLedger
@@ -53,15 +53,6 @@ def _versions() -> dict[str, str]:
 
 
 CHECKPOINT = "checkpoint.json"
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def latest_checkpointed_run(parent: str, run_name: str = "") -> str | None:
@@ -183,7 +174,7 @@ class Experiment:
         )
 
     def _write_json(self, name: str, obj: Any) -> None:
-        _atomic_write(os.path.join(self.dir, name), json.dumps(obj, indent=2, default=str).encode())
+        write_atomic(os.path.join(self.dir, name), json.dumps(obj, indent=2, default=str).encode())
 
     def _resume_from(self, run_dir: str) -> None:
         """Continue ``run_dir`` from its last complete round."""
@@ -209,17 +200,15 @@ class Experiment:
         # Metrics written after the checkpoint (a round that did not complete) are dropped.
         path = os.path.join(run_dir, "metrics.jsonl")
         rows = [line for line in open(path) if json.loads(line)["round"] <= ckpt["round"]] if os.path.exists(path) else []
-        _atomic_write(path, "".join(rows).encode())
+        write_atomic(path, "".join(rows).encode())
 
     def checkpoint(self, server_round: int) -> None:
         """Global adapter, round and strategy state, written atomically after each round."""
         name = f"checkpoint-round{server_round}.npz"
-        buf = io.BytesIO()
-        np.savez(buf, **{k: v.numpy() for k, v in self.final_arrays.items()})
-        _atomic_write(os.path.join(self.dir, name), buf.getvalue())
+        write_npz_atomic(os.path.join(self.dir, name), {k: v.numpy() for k, v in self.final_arrays.items()})
         spent = self.strategy.spent if self.strategy else {}
         state = self.strategy.state() if self.strategy else {}
-        _atomic_write(os.path.join(self.dir, CHECKPOINT), json.dumps({"round": server_round, "arrays": name, "spent": spent, "strategy-state": state}).encode())
+        write_atomic(os.path.join(self.dir, CHECKPOINT), json.dumps({"round": server_round, "arrays": name, "spent": spent, "strategy-state": state}).encode())
         for old in os.listdir(self.dir):  # keep only the checkpoint just written
             if old.startswith("checkpoint-round") and old != name:
                 os.remove(os.path.join(self.dir, old))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import math
@@ -29,6 +28,7 @@ from torch import nn
 from . import data as data_mod
 from . import privacy, training, wire
 from .config import ConfigError, RunConfig, cache_dir
+from .files import write_atomic, write_npz_atomic
 from .model import build_model, load_tokenizer
 
 log = logging.getLogger("fedlora")
@@ -285,13 +285,7 @@ def load_ledger(path: str, in_state: str | None) -> privacy.PrivacyLedger | None
 
 
 def save_ledger(path: str, ledger: privacy.PrivacyLedger) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(ledger.to_json())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic: a crash leaves the old ledger or the new one
+    write_atomic(path, ledger.to_json())  # a crash leaves the old ledger or the new one
 
 
 def reply_path(rt: NodeRuntime, run_key: str, node_key: str) -> str:
@@ -315,15 +309,7 @@ _REPLY_META = "__fedlora_reply__"
 def save_reply(path: str, server_round: int, digest: str, arrays: ArrayRecord, metrics: dict[str, Any]) -> None:
     """Atomically keep the update just sent for ``server_round`` (given the global ``digest``)."""
     meta = json.dumps({"round": server_round, "digest": digest, "metrics": metrics}).encode()
-    buf = io.BytesIO()
-    np.savez(buf, **{k: v.numpy() for k, v in arrays.items()}, **{_REPLY_META: np.frombuffer(meta, np.uint8)})
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(buf.getvalue())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_npz_atomic(path, {**{k: v.numpy() for k, v in arrays.items()}, _REPLY_META: np.frombuffer(meta, np.uint8)})
 
 
 def load_reply(path: str, server_round: int, digest: str) -> tuple[ArrayRecord, dict[str, Any]] | None:
@@ -366,16 +352,7 @@ def load_personal(directory: str, upto_round: int) -> ArrayRecord | None:
 
 def save_personal(directory: str, server_round: int, arrays: ArrayRecord) -> None:
     """Atomically save this round's personal tensors; keep the previous round's (a resume may repeat this round)."""
-    os.makedirs(directory, exist_ok=True)
-    buf = io.BytesIO()
-    np.savez(buf, **{k: v.numpy() for k, v in arrays.items()})
-    path = os.path.join(directory, f"{server_round}.npz")
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(buf.getvalue())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_npz_atomic(os.path.join(directory, f"{server_round}.npz"), {k: v.numpy() for k, v in arrays.items()})
     for name in os.listdir(directory):
         if name.endswith(".npz") and int(name[:-4]) < server_round - 1:
             os.remove(os.path.join(directory, name))
