@@ -66,6 +66,8 @@ def sweep() -> None:
 
 def main_grid() -> None:
     runs, partial = _complete("sst2")
+    reference, ref_partial = _complete("sst2-nonprivate")  # the non-private row: its own grid and rates
+    runs, partial = runs + reference, partial + ref_partial
     groups = _by(runs, "partition.method", "dp.epsilon", "strategy")
     for split in ("iid", "dirichlet"):
         label = "IID" if split == "iid" else "Dirichlet(0.5) label skew"
@@ -78,11 +80,11 @@ def main_grid() -> None:
                 diff = f"{mean_std(cells['ffa-lora'])[0] - mean_std(cells['lora'])[0]:+.3f}"
             print(f"| {_eps(eps)} | {_fmt(cells['lora'])} | {_fmt(cells['ffa-lora'])} | {diff} |")
         print()
-    print(f"{len(runs)} runs complete, {partial} incomplete; {_wall('sst2')}.\n")
+    print(f"{len(runs)} runs complete, {partial} incomplete; sst2: {_wall('sst2')}; sst2-nonprivate: {_wall('sst2-nonprivate')}.\n")
 
 
 def communication(target: float) -> None:
-    runs, _ = _complete("sst2")
+    runs = _complete("sst2")[0] + _complete("sst2-nonprivate")[0]
     print(f"### Communication (SST-2, IID; target accuracy {target:.2f})\n")
     print("| strategy | ε | upload per client per round | upload per round (all clients) | rounds to target | uploaded to reach target |")
     print("|---|---|---|---|---|---|")
