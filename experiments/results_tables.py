@@ -55,12 +55,16 @@ def _wall(name: str) -> str:
 
 def sweep() -> None:
     runs, partial = _complete("sst2-sweep")
-    print("### Learning-rate sweep (SST-2, IID, seed 0)\n")
-    print("| ε | strategy | learning rate | accuracy by round (0 = initial) | final | ε spent |\n|---|---|---|---|---|---|")
-    for r in sorted(runs, key=lambda r: (-r.config.get("dp.epsilon", 3.0), r.config["strategy"], r.config["learning-rate"])):
+    print("### Sweep: learning rate, and rounds x local steps (SST-2, IID, seed 0)\n")
+    print("| ε | strategy | learning rate | rounds × local steps | accuracy by round (0 = initial) | final | ε spent |\n|---|---|---|---|---|---|---|")
+
+    def schedule(r: Run) -> tuple[int, int]:
+        return r.config.get("num-server-rounds", 4), r.config.get("local-steps", 10)
+
+    for r in sorted(runs, key=lambda r: (-r.config.get("dp.epsilon", 3.0), r.config["strategy"], r.config["learning-rate"], schedule(r))):
         curve = " → ".join(f"{x['accuracy']:.3f}" for x in r.rows)
-        print(f"| {_eps(r.config.get('dp.epsilon', 3.0))} | {r.config['strategy']} | {r.config['learning-rate']:g} | {curve} | "
-              f"**{r.final['accuracy']:.4f}** | {r.final['epsilon']:.3f} |")
+        print(f"| {_eps(r.config.get('dp.epsilon', 3.0))} | {r.config['strategy']} | {r.config['learning-rate']:g} | "
+              f"{'{} × {}'.format(*schedule(r))} | {curve} | **{r.final['accuracy']:.4f}** | {r.final['epsilon']:.3f} |")
     print(f"\n{len(runs)} runs complete, {partial} incomplete; {_wall('sst2-sweep')}.\n")
 
 
