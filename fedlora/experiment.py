@@ -23,7 +23,7 @@ from flwr.app import Array, ArrayRecord, MetricRecord
 
 from . import data as data_mod
 from . import wire
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, parse_run_config
 from .files import write_atomic, write_npz_atomic
 from .model import build_model, count_parameters, load_tokenizer, resolve_model
 from .node import train_size_after_holdout
@@ -53,6 +53,20 @@ def _versions() -> dict[str, str]:
 
 
 CHECKPOINT = "checkpoint.json"
+
+
+def _config_diff(mine: dict, theirs: dict, defaults: dict, prefix: str = "") -> list[str]:
+    """Keys whose values differ between a resolved config and a checkpointed
+    one. A key the checkpointed run predates (a setting added since) counts as
+    its default: the old run behaved as the default does."""
+    diff = []
+    for key in sorted(set(mine) | set(theirs)):
+        a, b = mine.get(key), theirs[key] if key in theirs else defaults.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diff += _config_diff(a, b, defaults.get(key) or {}, f"{prefix}{key}.")
+        elif key not in mine or a != b:
+            diff.append(prefix + key)
+    return diff
 
 
 def latest_checkpointed_run(parent: str, run_name: str = "") -> str | None:
@@ -180,12 +194,11 @@ class Experiment:
         """Continue ``run_dir`` from its last complete round."""
         config = json.load(open(os.path.join(run_dir, "config.json")))
         # As JSON (tuples become lists), without the keys that may differ on a resume.
-        mine, theirs = (
+        mine, theirs, defaults = (
             json.loads(json.dumps({k: v for k, v in d.items() if k not in ("resume", "run_name", "tracking")}))
-            for d in (self.run.to_dict(), config["resolved"])
+            for d in (self.run.to_dict(), config["resolved"], parse_run_config({}).to_dict())
         )
-        if mine != theirs:
-            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if diff := _config_diff(mine, theirs, defaults):
             raise ConfigError("resume", True, f"the run in {run_dir} was started with a different config ({', '.join(diff)})")
         if config["shared-fingerprint"] != self.fingerprint:
             raise ConfigError("resume", True, f"the run in {run_dir} has a different shared init (fingerprint)")

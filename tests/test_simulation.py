@@ -139,3 +139,22 @@ def test_resume_refuses_a_different_config(tmp_path, e2e_task):
         Experiment(parse_run_config({**common, "resume": True, "lora.r": 4}))
     resumed = Experiment(parse_run_config({**common, "resume": True}))
     assert resumed.dir == exp.dir and resumed.start_round == 2
+
+
+def test_resume_accepts_a_run_that_predates_a_setting_left_at_its_default(tmp_path, e2e_task):
+    """A run checkpointed before a config key existed behaved as that key's default."""
+    import json
+
+    from fedlora.config import ConfigError, parse_run_config
+    from fedlora.experiment import Experiment
+
+    common = {"dataset": e2e_task, "output-dir": str(tmp_path), "run-name": "r", "num-partitions": 2, "dp.epsilon": 0.0}
+    exp = Experiment(parse_run_config(common))
+    exp.checkpoint(1)
+    path = os.path.join(exp.dir, "config.json")
+    config = json.load(open(path))
+    del config["resolved"]["lora"]["client_ranks"], config["resolved"]["user_dp"]  # as written by an older fedlora
+    json.dump(config, open(path, "w"))
+    assert Experiment(parse_run_config({**common, "resume": True})).start_round == 2
+    with pytest.raises(ConfigError, match=r"different config \(user_dp.mode\)"):
+        Experiment(parse_run_config({**common, "resume": True, "user-dp.mode": "server-fixed"}))
