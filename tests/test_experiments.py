@@ -28,6 +28,10 @@ def test_grid_file_validates_and_matches_its_recorded_runs(path, monkeypatch, ca
     grid = compare.load_grid(path)
     specs = compare.expand(grid)
     assert specs and len({s.name for s in specs}) == len(specs)
+    for s in specs:  # every complete run carries its spec (else run_state would write one into the repo)
+        run_dir = os.path.join(ROOT, grid.output_dir, s.name)
+        if os.path.exists(os.path.join(run_dir, compare.RESULT)):
+            assert os.path.exists(os.path.join(run_dir, compare.SPEC)), run_dir
     # A dry run reads every recorded run: a complete run whose config differs raises GridError.
     assert compare.run_grid(grid, dry_run=True) == 0
     listing = capsys.readouterr().out

@@ -23,7 +23,7 @@ def test_a_failed_write_keeps_the_old_content(tmp_path, monkeypatch):
     monkeypatch.setattr(files.os, "replace", crash)
     with pytest.raises(OSError, match="disk gone"):
         files.write_atomic(str(path), "new")
-    assert path.read_text() == "old"
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["ledger.json"]  # no temporary left
 
 
 def test_write_npz_atomic_round_trips(tmp_path):

@@ -135,6 +135,38 @@ def test_user_dp_clips_a_lower_rank_update_on_its_own_rank(mode):
     np.testing.assert_allclose(out[KB].numpy(), np.zeros((3, 2)), atol=1e-6)
 
 
+def test_client_side_clipping_refuses_a_lower_rank_reply():
+    """fixedclipping_mod clips against what the node received (rank r), so a
+    rank-r_k reply (a deployed node's ``lora-rank``) is refused, not averaged."""
+    from fedlora import user_dp
+
+    dp = user_dp.UserDP("client-fixed", noise_multiplier=1e-9, clip_norm=1.0, delta=1e-5, num_sampled=2)
+    strat = LoraStrategy(payload_shapes=SHAPES, fingerprint="x", user_dp=dp)
+    _start_a0(strat)
+    out, _ = strat.aggregate_train(1, [_reply(1, {KA: A1_REPLY, KB: B1_REPLY}, 1), _reply(2, {KA: A0, KB: np.zeros((3, 2))}, 1)])
+    assert out is None and dp.releases == 0  # one valid reply of the two the noise is calibrated for
+    assert any(f.startswith("node 1:") and "shape" in f for f in strat.rounds[1].failures)
+
+
+def test_a_lower_rank_restart_draws_the_first_rows_of_the_full_rank_one(tiny_model_dir):
+    """FLoRA restarts A from the seed on every node; the server's reference for a
+    rank-r_k node (the first r_k rows of its rank-r draw) is that node's draw."""
+    from fedlora.model import init_shared
+
+    run = parse_run_config({"model": tiny_model_dir, "lora.r": 4, "strategy": "flora"})
+    import dataclasses
+
+    low = dataclasses.replace(run, lora=dataclasses.replace(run.lora, r=2, alpha=run.lora.alpha / 2))
+    full_model, low_model = build_model(run, 2, train_lora_a=True), build_model(low, 2, train_lora_a=True)
+    init_shared(full_model, 7)
+    init_shared(low_model, 7)
+    full, small = wire.to_arrays(full_model), wire.to_arrays(low_model)
+    keys = [k for k in full.keys() if ".lora_A." in k]
+    assert keys
+    for k in keys:
+        np.testing.assert_array_equal(small[k].numpy(), full[k].numpy()[:2])
+
+
 LABELS = ("0", "1")
 
 

@@ -84,6 +84,15 @@ def test_reply_from_a_node_not_selected_this_round_is_excluded():
     assert stats.replies == 2 and stats.failures == ["node 99: not selected for this round"]
 
 
+def test_a_second_reply_from_the_same_node_is_excluded():
+    s = _strategy()
+    sent = _round(s, nodes=(1, 2))
+    again = _reply(sent[2], arrays={KB: np.full((D, R), 5.0, np.float32)})
+    arrays, stats = _aggregate(s, [_reply(sent[1]), _reply(sent[2]), again])
+    assert stats.replies == 2 and stats.failures == ["node 2: more than one reply this round (the first is used)"]
+    np.testing.assert_allclose(arrays[KB].numpy(), 0.1)  # node 2 counted once, with its first reply
+
+
 def test_update_norm_far_above_the_median_is_excluded():
     s = _strategy(max_norm_ratio=10.0)
     sent = _round(s)

@@ -191,12 +191,15 @@ class FedLoraStrategy(FedAvg):
             if msg.has_error() and selected is not None and node not in selected:
                 # The SuperLink answers for a node that left: name that node.
                 node = to_node.get(msg.metadata.reply_to_message_id, node)
+            if node in heard:  # counted once: a second reply would double a node's weight (and its DP sensitivity)
+                self._refuse(stats, node, "more than one reply this round (the first is used)")
+                continue
             heard.add(node)
             if msg.has_error():
                 self._refuse(stats, node, msg.error.reason)
             elif selected is not None and node not in selected:
                 self._refuse(stats, node, "not selected for this round")
-            elif reason := validation.check_reply(msg.content, self.payload_shapes, flexible_rank=bool(self.mixed_ranks)):
+            elif reason := validation.check_reply(msg.content, self.payload_shapes, flexible_rank=self._flexible_rank):
                 self._refuse(stats, node, reason)
             else:
                 self._up_bytes[node] = sum(wire.nbytes(r) for r in msg.content.array_records.values())
@@ -217,6 +220,12 @@ class FedLoraStrategy(FedAvg):
         # A fixed order, by content: float sums then do not depend on arrival
         # order, so a resumed seeded run ends exactly where an uninterrupted one does.
         return sorted(good, key=_content_digest)
+
+    @property
+    def _flexible_rank(self) -> bool:
+        """Whether lower-rank replies are taken: not under client-side clipping,
+        which clips against what the node received (a rank it did not keep)."""
+        return bool(self.mixed_ranks) and not (self.user_dp is not None and self.user_dp.mode == "client-fixed")
 
     def _pad_ranks(self, content: RecordDict) -> None:
         """A lower-rank reply (heterogeneous ranks; HetLoRA's zero-padding, Cho et al., EMNLP 2024)
