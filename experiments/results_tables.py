@@ -154,6 +154,21 @@ def methods() -> None:
     print(f"\n{len(runs)} runs complete, {partial} incomplete; {_wall('sst2-methods')}.\n")
 
 
+def lost_replies() -> None:
+    """Runs in which some round aggregated fewer clients than it sampled: listed, so a
+    number in the tables never hides a round that lost a client."""
+    runs = find_runs([ROOT]) if os.path.isdir(ROOT) else []
+    lost = [(os.path.relpath(r.path, ROOT), x["round"], x["clients"], x["sampled"])
+            for r in runs for x in r.rows if x.get("sampled") and x.get("clients", 0) < x["sampled"]]
+    print("### Rounds that lost a client\n")
+    if not lost:
+        print(f"None: in all {len(runs)} runs every round aggregated every sampled client.\n")
+        return
+    for path, rnd, got, sampled in lost:
+        print(f"- {path}: round {rnd} aggregated {got} of {sampled} clients")
+    print()
+
+
 if __name__ == "__main__":
     target = float(sys.argv[1]) if len(sys.argv) > 1 else 0.70
     sweep()
@@ -162,3 +177,4 @@ if __name__ == "__main__":
     alpha()
     rte()
     methods()
+    lost_replies()
