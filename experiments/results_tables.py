@@ -174,10 +174,11 @@ def lost_replies() -> None:
 
 
 if __name__ == "__main__":
-    target = float(sys.argv[1]) if len(sys.argv) > 1 else 0.70
+    targets = [float(a) for a in sys.argv[1:]] or [0.65, 0.70]
     sweep()
     main_grid()
-    communication(target)
+    for target in targets:
+        communication(target)
     alpha()
     rte()
     methods()
