@@ -14,7 +14,7 @@ import os
 import sys
 from collections import defaultdict
 
-from fedlora.report import Run, find_runs, mean_std
+from fedlora.tools.report import Run, find_runs, mean_std
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 STRATEGIES = ("lora", "ffa-lora")

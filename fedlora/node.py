@@ -5,14 +5,14 @@ wrapper (built once per process and shared by the nodes that process serves,
 since each round first loads the global payload), and the node's tokenised
 data (cached per node in memory and on the node's disk, ``cache-dir``, for
 deployments where a ClientApp process may start per message). What must
-survive a process, the privacy ledger, lives in the node's Flower state.
+survive a process (privacy ledger, last reply, personal tensors) lives in the
+node's ``NodeStore`` (and the ledger also in its Flower state).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import math
 import os
@@ -22,14 +22,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import ArrayRecord
 from torch import nn
 
 from . import data as data_mod
 from . import privacy, training, wire
 from .config import ConfigError, RunConfig, cache_dir
-from .files import write_atomic, write_npz_atomic
 from .model import build_model, load_tokenizer
+from .node_store import NodeStore, arrays_digest
 
 log = logging.getLogger("fedlora")
 
@@ -99,13 +99,10 @@ def node_dataset(run: RunConfig, node_config: dict, label_names: tuple[str, ...]
         return ds, run.data.text_columns, key, int(hashlib.sha256(path.encode()).hexdigest()[:7], 16), True
     if "partition-id" not in node_config:
         raise ConfigError("node-config", dict(node_config), "needs 'data-path' (deployment) or 'partition-id' (simulation)")
-    pid = int(node_config["partition-id"])
-    num = int(node_config.get("num-partitions", run.partition.num_partitions))
-    if num != run.partition.num_partitions:
-        raise ConfigError(
-            "num-partitions", run.partition.num_partitions,
-            f"the federation has {num} simulated nodes; set num-partitions={num} (or num-supernodes={run.partition.num_partitions})",
-        )
+    # Flower's simulation gives every node both: this node's partition is one of num-partitions.
+    if "num-partitions" not in node_config:
+        raise ConfigError("node-config", dict(node_config), "a simulated node needs 'num-partitions' next to 'partition-id'")
+    pid, num = int(node_config["partition-id"]), int(node_config["num-partitions"])
     task = _load_task_cached(run, label_names)
     ds = data_mod.partition(task.train, run.partition, pid, num, run.seed)
     p = run.partition
@@ -132,7 +129,10 @@ def node_rank(run: RunConfig, node_config: dict) -> int:
             raise ConfigError("lora-rank", rank, f"node config: must be an integer in 1..lora.r ({run.lora.r})")
         return rank
     if run.lora.client_ranks and "partition-id" in node_config:
-        return run.lora.client_ranks[int(node_config["partition-id"])]
+        pid = int(node_config["partition-id"])
+        if pid >= len(run.lora.client_ranks):
+            raise ConfigError("lora.client-ranks", ",".join(map(str, run.lora.client_ranks)), f"needs one rank per simulated node: none for partition-id {pid}")
+        return run.lora.client_ranks[pid]
     return run.lora.r
 
 
@@ -266,93 +266,64 @@ def evaluate_round(rt: NodeRuntime, arrays: ArrayRecord, *, exchange: wire.Excha
     return {"num-examples": len(rt.eval_data), "loss": loss, "accuracy": acc}
 
 
-def ledger_path(rt: NodeRuntime, run_key: str, node_key: str) -> str:
-    """The node's privacy ledger for a run, in the node's state directory."""
-    safe = hashlib.sha256(f"{run_key}/{node_key}".encode()).hexdigest()[:32]
-    return os.path.join(cache_dir(rt.run), "ledgers", f"{safe}.json")
-
-
-def load_ledger(path: str, in_state: str | None) -> privacy.PrivacyLedger | None:
-    """The ledger that has spent the most, from disk or the node's Flower state:
-    a restarted node or a resumed run never under-counts what was spent."""
-    found = []
-    if os.path.exists(path):
-        with open(path) as f:
-            found.append(privacy.PrivacyLedger.from_json(f.read()))
-    if in_state:
-        found.append(privacy.PrivacyLedger.from_json(in_state))
-    return max(found, key=lambda ledger: ledger.steps_spent, default=None)
-
-
-def save_ledger(path: str, ledger: privacy.PrivacyLedger) -> None:
-    write_atomic(path, ledger.to_json())  # a crash leaves the old ledger or the new one
-
-
-def reply_path(rt: NodeRuntime, run_key: str, node_key: str) -> str:
-    """Where a node keeps the last update it sent in a run (to replay a repeated round)."""
-    safe = hashlib.sha256(f"{run_key}/{node_key}".encode()).hexdigest()[:32]
-    return os.path.join(cache_dir(rt.run), "replies", f"{safe}.npz")
-
-
-def arrays_digest(arrays: ArrayRecord) -> str:
-    h = hashlib.sha256()
-    for key in sorted(arrays.keys()):
-        value = np.ascontiguousarray(arrays[key].numpy())
-        h.update(f"{key}|{value.dtype}|{value.shape}|".encode())
-        h.update(value.tobytes())
-    return h.hexdigest()
-
-
-_REPLY_META = "__fedlora_reply__"
-
-
-def save_reply(path: str, server_round: int, digest: str, arrays: ArrayRecord, metrics: dict[str, Any]) -> None:
-    """Atomically keep the update just sent for ``server_round`` (given the global ``digest``)."""
-    meta = json.dumps({"round": server_round, "digest": digest, "metrics": metrics}).encode()
-    write_npz_atomic(path, {**{k: v.numpy() for k, v in arrays.items()}, _REPLY_META: np.frombuffer(meta, np.uint8)})
-
-
-def load_reply(path: str, server_round: int, digest: str) -> tuple[ArrayRecord, dict[str, Any]] | None:
-    """The update already sent for this round and this global model, if any.
-
-    A resumed run repeats the round that was interrupted; a node that had
-    already trained it sends the same update again instead of training anew:
-    re-sending a released update costs no privacy, training again would (and
-    its ledger would refuse)."""
-    if not os.path.exists(path):
-        return None
-    with np.load(path) as npz:
-        meta = json.loads(npz[_REPLY_META].tobytes())
-        if meta["round"] != server_round or meta["digest"] != digest:
-            return None
-        return ArrayRecord({k: Array(npz[k]) for k in npz.files if k != _REPLY_META}), meta["metrics"]
-
-
 def plan_ledger(rt: NodeRuntime) -> privacy.PrivacyLedger:
     run = rt.run
     return privacy.PrivacyLedger.plan(run.dp, rt.num_examples, run.train.batch_size, run.num_server_rounds * run.train.local_steps)
 
 
-def personal_dir(rt: NodeRuntime, run_key: str, node_key: str) -> str:
-    """Where a node keeps its personal tensors (FedSA-LoRA's B) for a run, one file per round."""
-    safe = hashlib.sha256(f"{run_key}/{node_key}".encode()).hexdigest()[:32]
-    return os.path.join(cache_dir(rt.run), "personal", safe)
+def node_key(node_config: dict, node_id: int) -> str:
+    """This node's identity across restarts: keys its ledger and personal state."""
+    return str(node_config.get("partition-id", node_config.get("data-path", node_id)))
 
 
-def load_personal(directory: str, upto_round: int) -> ArrayRecord | None:
-    """The personal tensors saved after the latest round <= ``upto_round`` (None before the first).
-    By round, not "latest", so a resumed run repeats a round from the same state."""
-    rounds = [int(f[:-4]) for f in os.listdir(directory) if f.endswith(".npz")] if os.path.isdir(directory) else []
-    rounds = [r for r in rounds if r <= upto_round]
-    if not rounds:
-        return None
-    with np.load(os.path.join(directory, f"{max(rounds)}.npz")) as npz:
-        return ArrayRecord({k: Array(npz[k]) for k in npz.files})
+@dataclass
+class NodeTask:
+    """One train or evaluate message, from this node's side: its runtime, its
+    store, what crosses the wire (the method's exchange) and the round."""
 
+    rt: NodeRuntime
+    store: NodeStore
+    exchange: wire.Exchange
+    server_round: int
+    name: str = ""  # for log lines
 
-def save_personal(directory: str, server_round: int, arrays: ArrayRecord) -> None:
-    """Atomically save this round's personal tensors; keep the previous round's (a resume may repeat this round)."""
-    write_npz_atomic(os.path.join(directory, f"{server_round}.npz"), {k: v.numpy() for k, v in arrays.items()})
-    for name in os.listdir(directory):
-        if name.endswith(".npz") and int(name[:-4]) < server_round - 1:
-            os.remove(os.path.join(directory, name))
+    @classmethod
+    def open(cls, run: RunConfig, node_config: dict, node_id: int, config: dict, method) -> NodeTask:
+        """The task a message asks for. ``config`` is what the server sent with it;
+        ``method`` the strategy class it names (its exchange and rank handling)."""
+        rt = get_runtime(run, node_config, tuple(config["label-names"]), method.train_lora_a, method.mixed_ranks)
+        check_fingerprint(rt, str(config[wire.FINGERPRINT_KEY]), method.exchange)
+        store = NodeStore(cache_dir(run), str(config["run-key"]), node_key(node_config, node_id))
+        return cls(rt, store, method.exchange, int(config["server-round"]), str(node_config.get("partition-id", node_id)))
+
+    @property
+    def has_personal(self) -> bool:
+        return bool(wire.personal_names(self.rt.model, self.exchange))
+
+    def train(self, arrays: ArrayRecord, ledger_in_state: str | None = None) -> tuple[ArrayRecord, dict[str, Any], str | None]:
+        """Train this round: (payload, metrics, the ledger as JSON for the node's state, or None)."""
+        rt, r = self.rt, self.server_round
+        # A repeated round (a resumed run) gets the update this node already sent, not a new one.
+        digest = arrays_digest(arrays)
+        if (cached := self.store.load_reply(r, digest)) is not None:
+            log.info("round %d: sending again the update already sent for this round (no new training, no new privacy cost)", r)
+            return cached[0], cached[1], None
+        # Keyed by the run (survives a resumed run) and this node's identity.
+        ledger = (self.store.load_ledger(ledger_in_state) or plan_ledger(rt)) if rt.run.dp.enabled else None
+        out, metrics = train_round(
+            rt, arrays, r, ledger, progress_prefix=f"[node {self.name} round {r}] ",
+            exchange=self.exchange, personal=self.store.load_personal(r - 1) if self.has_personal else None,
+        )
+        if self.has_personal:
+            self.store.save_personal(r, wire.to_arrays(rt.model, wire.personal_names(rt.model, self.exchange)))
+        if ledger is not None:
+            self.store.save_ledger(ledger)
+            metrics["noise-multiplier"] = ledger.noise_multiplier
+        # After the ledger: a crash in between re-trains (refused by the ledger), never replays unaccounted steps.
+        self.store.save_reply(r, digest, out, metrics)
+        return out, metrics, ledger.to_json() if ledger is not None else None
+
+    def evaluate(self, arrays: ArrayRecord) -> dict[str, Any]:
+        """The global model (with this node's personal tensors) on the node's held-out split."""
+        personal = self.store.load_personal(self.server_round) if self.has_personal else None
+        return evaluate_round(self.rt, arrays, exchange=self.exchange, personal=personal)

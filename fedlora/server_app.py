@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
@@ -14,6 +15,25 @@ from .strategies import FedLoraStrategy
 
 app = ServerApp()
 log = logging.getLogger("fedlora")
+
+
+class TooFewNodes(RuntimeError):
+    """Fewer than ``min-train-nodes`` nodes connected within ``node-wait-timeout``."""
+
+
+def wait_for_nodes(grid: Grid, needed: int, timeout: float, poll: float = 1.0) -> int:
+    """Wait until ``needed`` nodes are connected; return how many are. The
+    federation's size is not configured: the server trains with whoever is
+    connected once ``min-train-nodes`` are."""
+    deadline = time.monotonic() + timeout
+    while (connected := len(list(grid.get_node_ids()))) < needed:
+        if time.monotonic() >= deadline:
+            raise TooFewNodes(
+                f"{connected} node(s) connected within node-wait-timeout = {timeout:g} s, "
+                f"fewer than min-train-nodes = {needed}: start more nodes, or lower min-train-nodes"
+            )
+        time.sleep(poll)
+    return connected
 
 
 def run_rounds(strategy: FedLoraStrategy, grid: Grid, exp: Experiment) -> None:
@@ -43,5 +63,7 @@ def main(grid: Grid, context: Context) -> None:
     setup_logging()
     run = parse_run_config(context.run_config)
     exp = Experiment(run, run_id=context.run_id)
-    run_rounds(exp.make_strategy(), grid, exp)
+    nodes = wait_for_nodes(grid, run.min_train_nodes, run.node_wait_timeout)
+    log.info("%d node(s) connected (min-train-nodes = %d)", nodes, run.min_train_nodes)
+    run_rounds(exp.make_strategy(num_nodes=nodes), grid, exp)
     exp.finish()

@@ -18,6 +18,12 @@ from typing import Any
 
 from .config import DEFAULTS, parse_run_config
 
+# A simulation option next to the run config (grid files and ``simulate``'s
+# overrides may set it): the number of simulated nodes. Named as in Flower's
+# node config, where each node reads it with its ``partition-id``.
+NODES_KEY = "num-partitions"
+DEFAULT_NODES = 3
+
 
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
@@ -41,7 +47,10 @@ def write_app_dir(overrides: dict[str, Any], directory: str) -> dict[str, Any]:
 
 
 def simulate(overrides: dict[str, Any] | None = None, num_supernodes: int | None = None, cpus_per_client: int = 2) -> None:
-    """Run one simulation in this process; raises what the ServerApp raises."""
+    """Run one simulation in this process; raises what the ServerApp raises.
+
+    ``overrides`` is a run config, plus optionally ``num-partitions``: the number
+    of simulated nodes (default 3) when ``num_supernodes`` is not given."""
     from flwr.app import Context, RecordDict
     from flwr.common.config import get_fused_config_from_dir
     from flwr.common.constant import SUPERLINK_NODE_ID
@@ -55,8 +64,9 @@ def simulate(overrides: dict[str, Any] | None = None, num_supernodes: int | None
     from .server_app import app as server_app
 
     overrides = dict(overrides or {})
-    num_supernodes = num_supernodes or int(overrides.get("num-partitions", DEFAULTS["num-partitions"]))
-    overrides["num-partitions"] = num_supernodes
+    # Not a run-config key: how many simulated nodes (Flower gives each its partition-id / num-partitions).
+    nodes = overrides.pop(NODES_KEY, DEFAULT_NODES)
+    num_supernodes = num_supernodes or int(nodes)
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     with tempfile.TemporaryDirectory(prefix="fedlora-app-") as app_dir:
         write_app_dir(overrides, app_dir)

@@ -29,6 +29,10 @@ from .model import init_shared, is_head, is_lora_a, is_lora_b
 
 OPACUS_PREFIX = "_module."
 
+# Config keys the server sends with every train/evaluate message, besides the arrays.
+STRATEGY_KEY = "strategy"  # the method: which Exchange the node uses
+FINGERPRINT_KEY = "shared-fingerprint"  # the run's shared frozen tensors (see ``fingerprint``)
+
 
 def _clean(name: str) -> str:
     # Opacus' GradSampleModule prefixes parameter names; payload keys never carry it.

@@ -8,8 +8,9 @@
 #   scripts/flwr-sim.sh [key=value ...]     run-config overrides, TOML values:
 #   scripts/flwr-sim.sh strategy='"lora"' dp.epsilon=1.0 num-server-rounds=10
 #
-# Environment: FEDLORA_NODES (default 3 simulated nodes), FEDLORA_CLIENT_CPUS
-# (CPUs per simulated client, default: all CPUs / nodes, at least 1).
+# Environment: FEDLORA_NODES (default 3 simulated nodes: Flower's num-supernodes;
+# each node reads its partition-id and num-partitions from its node config),
+# FEDLORA_CLIENT_CPUS (CPUs per simulated client, default: all CPUs / nodes, at least 1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,7 +41,7 @@ trap stop_superlink EXIT
 
 # One --run-config per pair: Flower rejects a key repeated within one string,
 # and a later --run-config overrides an earlier one, so the caller's pairs win.
-overrides=(--run-config "output-dir=\"$PWD/outputs\" num-partitions=$nodes")
+overrides=(--run-config "output-dir=\"$PWD/outputs\"")
 [ -n "${FEDLORA_DATA_DIR:-}" ] && overrides+=(--run-config "data-dir=\"$FEDLORA_DATA_DIR\"")
 for kv in "$@"; do overrides+=(--run-config "$kv"); done
 

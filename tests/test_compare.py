@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from fedlora.compare import GridError, expand, load_grid, parse_value
+from fedlora.tools.compare import GridError, expand, load_grid, parse_value
 
 
 def _grid_file(tmp_path, text: str) -> str:
@@ -57,7 +57,7 @@ set = { learning-rate = 8.0 }
 
 
 def test_only_selects_a_subset(tmp_path):
-    from fedlora.compare import select
+    from fedlora.tools.compare import select
 
     path = _grid_file(tmp_path, 'output-dir = "o"\n[grid]\nseed = [0, 1]\nstrategy = ["lora", "ffa-lora"]\n')
     specs = expand(load_grid(path))
@@ -93,7 +93,7 @@ def test_yaml_grid(tmp_path):
 
 
 def _compare(*args, cwd, timeout=900):
-    return subprocess.run([sys.executable, "-m", "fedlora.cli", "compare", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "fedlora.tools.cli", "compare", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
 def _rows(path):
@@ -117,7 +117,7 @@ strategy = ["lora", "ffa-lora"]
 """)
     # Interrupt the grid inside round 2 of the first run: once it has checkpointed
     # round 1 and a node has sent its round-2 update (the hard case for DP ledgers).
-    proc = subprocess.Popen([sys.executable, "-m", "fedlora.cli", "compare", grid], cwd=tmp_path, start_new_session=True,
+    proc = subprocess.Popen([sys.executable, "-m", "fedlora.tools.cli", "compare", grid], cwd=tmp_path, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     first = tmp_path / "grid" / "strategy=lora"
 

@@ -127,7 +127,7 @@ def test_partitioners_split_disjointly_and_as_configured():
     ds = datasets.Dataset.from_list([{"text": f"t{i}", "label": i % 4} for i in range(400)])
     ds = ds.add_column("row", list(range(400)))
     for method in ("iid", "dirichlet", "pathological"):
-        p = _cfg(**{"partition.method": method, "partition.alpha": 0.3, "partition.classes-per-client": 2, "num-partitions": 4}).partition
+        p = _cfg(**{"partition.method": method, "partition.alpha": 0.3, "partition.classes-per-client": 2}).partition
         parts = [data_mod.partition(ds, p, i, 4, seed=0) for i in range(4)]
         rows = [r for part in parts for r in part["row"]]
         assert len(rows) == len(set(rows)), method  # disjoint
@@ -164,7 +164,7 @@ def test_a_dataset_with_one_class_is_refused(tmp_path):
 
 def test_an_empty_partition_is_refused():
     ds = datasets.Dataset.from_list([{"text": f"t{i}", "label": i % 2} for i in range(3)])
-    p = _cfg(**{"num-partitions": 5}).partition
+    p = _cfg().partition
     with pytest.raises(ConfigError, match="partition 3 of 5") as e:
         for i in range(5):
             data_mod.partition(ds, p, i, 5, seed=0)

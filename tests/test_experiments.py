@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from fedlora import compare
+from fedlora.tools import compare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRIDS = sorted(glob.glob(os.path.join(ROOT, "experiments", "*.toml")))
@@ -44,3 +44,27 @@ def test_results_md_tables_are_what_the_committed_runs_give():
     with open(os.path.join(ROOT, "docs", "RESULTS.md")) as f:
         doc = f.read()
     assert out.strip() and out.strip() in doc, "docs/RESULTS.md tables differ from `python experiments/results_tables.py`"
+
+
+def test_constraints_pin_the_versions_the_committed_results_were_measured_with():
+    import json
+    import re
+
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", open(os.path.join(ROOT, "constraints.txt")).read(), re.M))
+    recorded = set()
+    for path in glob.glob(os.path.join(ROOT, "experiments", "results", "**", "config.json"), recursive=True):
+        versions = json.load(open(path))["versions"]
+        recorded.add(tuple(sorted((k, v.split("+")[0]) for k, v in versions.items() if k != "python")))
+    assert len(recorded) == 1, "the committed results were measured with several version sets"
+    for package, version in next(iter(recorded)):
+        assert pins.get(package) == version, package
+
+
+def test_committed_results_record_the_data_relative_to_the_data_directory():
+    import json
+
+    for path in glob.glob(os.path.join(ROOT, "experiments", "results", "**", "config.json"), recursive=True):
+        config = json.load(open(path))
+        values = [config["run-config"]["dataset"], config["resolved"]["data"]["dataset"],
+                  config["resolved"]["data"]["data_dir"], config["data"]["source"], config["model"]["path"]]
+        assert not any(v.startswith("/") or v.startswith("local:/") for v in values), (path, values)

@@ -1,12 +1,18 @@
-"""The real user path: `flwr run .` (through scripts/flwr-sim.sh) starts a
-local SuperLink, runs the app, reports the run's true status, and stops the
-SuperLink it started."""
+"""The real user path: `flwr run .` starts a local SuperLink and runs the app.
+
+Plain `flwr run .` completes on Flower's default local federation (2 nodes)
+and with `--federation-config num-supernodes=5`, without any node count in
+the run config; scripts/flwr-sim.sh reports the run's true status and stops
+the SuperLink it started."""
 
 import glob
 import json
 import os
+import signal
 import subprocess
 from pathlib import Path
+
+import pytest
 
 from conftest import write_task
 
@@ -57,3 +63,45 @@ def test_flwr_run_failure_is_reported_not_swallowed(tmp_path):
     assert proc.returncode == 1, proc.stdout[-3000:]
     assert "finished:failed" in proc.stdout
     assert "did not complete" in proc.stderr
+
+
+def _plain_flwr_run(tmp_path, *flwr_args, port_base):
+    """`flwr run . --stream` itself, in an isolated FLWR_HOME; returns (output, newest run's status)."""
+    task = tmp_path / "task"
+    task.mkdir()
+    write_task(task, 300, 60)
+    home = tmp_path / "flwr-home"
+    env = {
+        **os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port_base + 1), "FLWR_LOCAL_CONTROL_API_PORT": str(port_base + 3),
+        "PATH": f"{Path(os.sys.executable).parent}:{os.environ['PATH']}",
+    }
+    flwr = str(Path(os.sys.executable).parent / "flwr")
+    # Data and a short schedule only: nothing about the number of nodes.
+    config = (f'dataset="{task}" output-dir="{tmp_path / "out"}" cache-dir="{tmp_path / "cache"}" '
+              'num-server-rounds=1 local-steps=2 batch-size=16 node-wait-timeout=120')
+    before = _superlinks()
+    try:
+        proc = subprocess.run([flwr, "run", ".", "--stream", "--run-config", config, *flwr_args],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        ls = subprocess.run([flwr, "ls", "--format", "json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    finally:
+        for pid in _superlinks() - before:  # `flwr run` leaves its local SuperLink running
+            os.kill(int(pid), signal.SIGTERM)
+    runs = json.loads(ls.stdout).get("runs", [])
+    return proc.stdout + proc.stderr, [r.get("status") for r in runs]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("flwr_args", "nodes", "port_base"), [((), 2, 39500), (("--federation-config", "num-supernodes=5"), 5, 39600)],
+                         ids=["default-federation", "5-nodes"])
+def test_plain_flwr_run_completes_for_any_number_of_nodes(tmp_path, flwr_args, nodes, port_base):
+    output, statuses = _plain_flwr_run(tmp_path, *flwr_args, port_base=port_base)
+    assert statuses == ["finished:completed"], output[-4000:]
+    assert "Waiting for nodes to connect" not in output
+    (run_dir,) = glob.glob(str(tmp_path / "out" / "*"))
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    assert [r["round"] for r in rows] == [0, 1] and rows[-1]["clients"] == nodes == rows[-1]["sampled"]
+    # Each node trained on its own partition of the task: 1/nodes of the 300 examples.
+    sizes = sorted(int(m["num-examples"]) for m in rows[-1]["client_metrics"].values())
+    assert sum(sizes) == 300 and sizes[-1] - sizes[0] <= 1

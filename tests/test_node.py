@@ -36,6 +36,25 @@ def test_node_needs_a_partition_or_data_path(run):
     assert e.value.key == "node-config"
 
 
+def test_a_simulated_node_takes_its_partition_count_from_its_node_config(run):
+    # The run config has no node count: each node's partition is partition-id of its own num-partitions.
+    sizes = [node.get_runtime(run, {"partition-id": i, "num-partitions": 4}, LABELS, train_lora_a=False).num_examples for i in range(4)]
+    assert sum(sizes) == 600 and max(sizes) - min(sizes) <= 1  # the task's 600 examples, IID in 4
+    with pytest.raises(ConfigError, match="num-partitions") as e:
+        node.get_runtime(run, {"partition-id": 0}, LABELS, train_lora_a=False)
+    assert e.value.key == "node-config"
+
+
+def test_client_ranks_without_an_entry_for_this_node_are_refused(run):
+    import dataclasses
+
+    ranked = dataclasses.replace(run, lora=dataclasses.replace(run.lora, client_ranks=(8, 4)))
+    assert node.node_rank(ranked, {"partition-id": 1, "num-partitions": 3}) == 4
+    with pytest.raises(ConfigError, match="none for partition-id 2") as e:
+        node.node_rank(ranked, {"partition-id": 2, "num-partitions": 3})
+    assert e.value.key == "lora.client-ranks"
+
+
 def test_node_data_with_a_label_outside_the_run_label_set_is_refused(run, tmp_path):
     write_jsonl(tmp_path / "odd" / "train.jsonl", [{"text": "x", "label": 5}])
     with pytest.raises(ConfigError, match="outside the label set"):
@@ -91,3 +110,23 @@ def test_simulation_rounds_are_reproducible_and_deployed_nodes_are_not(run, tmp_
         arrays, _ = node.train_round(dep, start, 1, node.plan_ledger(dep))
         results.append({k: v.numpy().copy() for k, v in arrays.items()})
     assert not all(np.array_equal(results[0][k], results[1][k]) for k in results[0])  # OS entropy
+
+
+def test_the_node_store_keeps_one_id_for_ledger_reply_and_personal_state(tmp_path):
+    from flwr.app import Array, ArrayRecord
+
+    from fedlora.node_store import NodeStore
+
+    store = NodeStore(str(tmp_path), "run-1", "node-0")
+    paths = (store.ledger_path, store.reply_path, store.personal_dir)
+    assert all(store.id in p and p.startswith(str(tmp_path)) for p in paths)
+    assert NodeStore(str(tmp_path), "run-1", "node-1").id != store.id  # per node
+    assert NodeStore(str(tmp_path), "run-2", "node-0").id != store.id  # per run
+    arrays = ArrayRecord({"b": Array(torch.ones(2, 3).numpy())})
+    store.save_reply(4, "digest", arrays, {"epsilon": 1.5})
+    assert store.load_reply(4, "other-digest") is None and store.load_reply(3, "digest") is None
+    again, metrics = store.load_reply(4, "digest")
+    assert metrics == {"epsilon": 1.5} and (again["b"].numpy() == 1).all()
+    assert store.load_personal(1) is None
+    store.save_personal(1, arrays)
+    assert store.load_personal(0) is None and store.load_personal(5) is not None

@@ -132,7 +132,7 @@ def test_resume_refuses_a_different_config(tmp_path, e2e_task):
     from fedlora.config import ConfigError, parse_run_config
     from fedlora.experiment import Experiment
 
-    common = {"dataset": e2e_task, "output-dir": str(tmp_path), "run-name": "r", "num-partitions": 2, "dp.epsilon": 0.0}
+    common = {"dataset": e2e_task, "output-dir": str(tmp_path), "run-name": "r", "dp.epsilon": 0.0}
     exp = Experiment(parse_run_config(common))
     exp.checkpoint(1)
     with pytest.raises(ConfigError, match=r"different config \(lora"):
@@ -148,7 +148,7 @@ def test_resume_accepts_a_run_that_predates_a_setting_left_at_its_default(tmp_pa
     from fedlora.config import ConfigError, parse_run_config
     from fedlora.experiment import Experiment
 
-    common = {"dataset": e2e_task, "output-dir": str(tmp_path), "run-name": "r", "num-partitions": 2, "dp.epsilon": 0.0}
+    common = {"dataset": e2e_task, "output-dir": str(tmp_path), "run-name": "r", "dp.epsilon": 0.0}
     exp = Experiment(parse_run_config(common))
     exp.checkpoint(1)
     path = os.path.join(exp.dir, "config.json")

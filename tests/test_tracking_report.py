@@ -14,7 +14,7 @@ import time
 import pytest
 
 from fedlora.config import ConfigError, parse_run_config
-from fedlora.report import find_runs, make_report
+from fedlora.tools.report import find_runs, make_report
 from fedlora.tracking import make_tracker, round_scalars
 
 ROUNDS = [{"eval/accuracy": 0.5 + r / 10, "privacy/epsilon": float(r), "comm/bytes_up": 1000.0 * r} for r in range(3)]
@@ -132,7 +132,7 @@ def test_report_table_is_mean_and_std_over_seeds(grid_runs, tmp_path):
 
 
 def test_report_cli_without_runs_fails_clearly(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "fedlora.cli", "report", str(tmp_path)], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "fedlora.tools.cli", "report", str(tmp_path)], capture_output=True, text=True)
     assert out.returncode == 2 and "no runs" in out.stdout
 
 

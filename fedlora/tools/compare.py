@@ -40,7 +40,9 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import DEFAULTS, ConfigError, parse_run_config
+from ..config import DEFAULTS, ConfigError, parse_run_config
+from ..run_folder import portable
+from ..simulation import DEFAULT_NODES, NODES_KEY
 
 GRID_KEYS = ("output-dir", "description", "base", "grid", "rules")
 RESULT = "result.json"
@@ -76,9 +78,13 @@ def parse_value(text: str) -> Any:
         return text
 
 
+# What a grid may set: the run config, plus the number of simulated nodes.
+GRID_DEFAULTS = {**DEFAULTS, NODES_KEY: DEFAULT_NODES}
+
+
 def _check_keys(keys, where: str) -> None:
     for key in keys:
-        if key not in DEFAULTS:
+        if key not in GRID_DEFAULTS:
             raise GridError(f"{where}: unknown run-config key {key!r}")
 
 
@@ -145,7 +151,7 @@ def expand(grid: Grid) -> list[RunSpec]:
     for combo in combos:
         overrides = {**grid.base, **combo}
         for when, sets in grid.rules:
-            if all(overrides.get(k, DEFAULTS[k]) == v for k, v in when.items()):
+            if all(overrides.get(k, GRID_DEFAULTS[k]) == v for k, v in when.items()):
                 overrides.update(sets)
         name = "__".join(_name_part(k, combo[k]) for k in varying if k in combo) or "run"
         if name in seen:
@@ -154,7 +160,7 @@ def expand(grid: Grid) -> list[RunSpec]:
             raise GridError(f"two different runs would share the folder {name!r}")
         spec = RunSpec(name, overrides)
         try:
-            parse_run_config(spec.expanded())
+            parse_run_config({k: v for k, v in spec.expanded().items() if k != NODES_KEY})
         except ConfigError as e:
             raise GridError(f"run {name}: {e}") from e
         seen[name] = overrides
@@ -172,7 +178,9 @@ def run_state(run_dir: str, spec: RunSpec) -> str:
             # Finished, but compare stopped before recording its spec: accept it if its config matches.
             with open(os.path.join(run_dir, "config.json")) as f:
                 config = json.load(f)["run-config"]
-            wanted = {k: v for k, v in _run_overrides(spec, run_dir).items() if k not in ("output-dir", "run-name")}
+            wanted = {k: v for k, v in _run_overrides(spec, run_dir).items() if k not in ("output-dir", "run-name", NODES_KEY)}
+            # config.json records paths under the data directory relative to it.
+            wanted = portable(wanted, wanted.get("data-dir") or os.environ.get("FEDLORA_DATA_DIR", ""))
             if any(config.get(k) != v for k, v in wanted.items()):
                 raise GridError(f"{run_dir} is a complete run not made by this grid (no {SPEC}): move it away") from None
             recorded = spec.overrides
@@ -294,10 +302,10 @@ def select(specs: list[RunSpec], only: list[str]) -> list[RunSpec]:
     """The runs matching every ``KEY=VALUE`` of ``only`` (e.g. seed=0 first, the rest later)."""
     for item in only:
         key, sep, value = item.partition("=")
-        if not sep or key.strip() not in DEFAULTS:
+        if not sep or key.strip() not in GRID_DEFAULTS:
             raise GridError(f"--only {item!r}: expected run-config-key=value")
         key, wanted = key.strip(), parse_value(value.strip())
-        specs = [s for s in specs if s.overrides.get(key, DEFAULTS[key]) == wanted]
+        specs = [s for s in specs if s.overrides.get(key, GRID_DEFAULTS[key]) == wanted]
     return specs
 
 

@@ -26,7 +26,7 @@ HUE_KEY = "strategy"
 
 def _value(run_config: dict[str, Any], key: str) -> Any:
     """A run's value for ``key``; runs recorded before a key existed had its default."""
-    from .config import DEFAULTS
+    from ..config import DEFAULTS
 
     return run_config.get(key, DEFAULTS.get(key))
 
