@@ -2,20 +2,40 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import time
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from . import node, user_dp, wire
+from . import node, node_errors, user_dp, wire
 from .config import parse_run_config
 from .logs import setup_logging
 from .strategies import get_strategy
+
+log = logging.getLogger("fedlora")
 
 # Flower's fixedclipping_mod, for runs with user-dp.mode = client-fixed (a no-op otherwise).
 app = ClientApp(mods=[user_dp.client_mod])
 
 LEDGER_RECORD = "fedlora.privacy"  # key of the privacy ledger in the node's persistent state
+
+
+def _refusals_carry_codes(handler):
+    """The server gets a code, never the exception's text (it may quote private data);
+    the details stay in this node's log."""
+
+    @functools.wraps(handler)
+    def handle(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as e:
+            error = node_errors.classify(e)
+            log.error("%s message refused: %s", msg.metadata.message_type, error.code, exc_info=e)
+            raise error from None
+
+    return handle
 
 
 def _task(msg: Message, context: Context) -> node.NodeTask:
@@ -27,6 +47,7 @@ def _task(msg: Message, context: Context) -> node.NodeTask:
 
 
 @app.train()
+@_refusals_carry_codes
 def train(msg: Message, context: Context) -> Message:
     start = time.perf_counter()  # the whole handling of the message, setup included
     task = _task(msg, context)
@@ -39,6 +60,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@_refusals_carry_codes
 def evaluate(msg: Message, context: Context) -> Message:
     metrics = _task(msg, context).evaluate(msg.content["arrays"])
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -251,12 +251,34 @@ def load_node_data(path: str, data: DataConfig, label_names: tuple[str, ...]) ->
 # -- partitioning ----------------------------------------------------------------
 
 
+# One partitioner per (data, method, count, seed) and process: a process that
+# serves many simulated nodes splits the data once, not once per node.
+_PARTITIONERS: dict[tuple, object] = {}
+_MAX_PARTITIONERS = 8
+
+
 def partition(ds: datasets.Dataset, cfg: PartitionConfig, partition_id: int, num_partitions: int, seed: int) -> datasets.Dataset:
     """This node's share of the training split, by a flwr-datasets partitioner."""
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
-
     if not 0 <= partition_id < num_partitions:
         raise ConfigError("partition-id", partition_id, f"must be in [0, {num_partitions})")
+    key = (ds._fingerprint, len(ds), cfg, num_partitions, seed)
+    if key not in _PARTITIONERS:
+        if len(_PARTITIONERS) >= _MAX_PARTITIONERS:
+            _PARTITIONERS.pop(next(iter(_PARTITIONERS)))
+        _PARTITIONERS[key] = _partitioner(ds, cfg, num_partitions, seed)
+    p = _PARTITIONERS[key]
+    try:
+        part = p.load_partition(partition_id)
+    except (IndexError, ValueError) as e:  # e.g. more partitions than examples
+        raise ConfigError("partition.method", cfg.method, f"cannot build partition {partition_id} of {num_partitions} from {len(ds)} examples: {e}") from e
+    if len(part) == 0:
+        raise ConfigError("partition.method", cfg.method, f"partition {partition_id} of {num_partitions} is empty")
+    return part
+
+
+def _partitioner(ds: datasets.Dataset, cfg: PartitionConfig, num_partitions: int, seed: int):
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+
     if cfg.method == "iid":
         p = IidPartitioner(num_partitions=num_partitions)
     elif cfg.method == "dirichlet":
@@ -270,13 +292,7 @@ def partition(ds: datasets.Dataset, cfg: PartitionConfig, partition_id: int, num
             num_classes_per_partition=cfg.classes_per_client, class_assignment_mode="deterministic", seed=seed,
         )
     p.dataset = ds
-    try:
-        part = p.load_partition(partition_id)
-    except (IndexError, ValueError) as e:  # e.g. more partitions than examples
-        raise ConfigError("partition.method", cfg.method, f"cannot build partition {partition_id} of {num_partitions} from {len(ds)} examples: {e}") from e
-    if len(part) == 0:
-        raise ConfigError("partition.method", cfg.method, f"partition {partition_id} of {num_partitions} is empty")
-    return part
+    return p
 
 
 # -- tokenisation ------------------------------------------------------------------

@@ -12,6 +12,7 @@ node's ``NodeStore`` (and the ledger also in its Flower state).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import math
@@ -267,8 +268,15 @@ def evaluate_round(rt: NodeRuntime, arrays: ArrayRecord, *, exchange: wire.Excha
 
 
 def plan_ledger(rt: NodeRuntime) -> privacy.PrivacyLedger:
+    """A fresh ledger calibrated for this node's data size and the run's schedule."""
     run = rt.run
-    return privacy.PrivacyLedger.plan(run.dp, rt.num_examples, run.train.batch_size, run.num_server_rounds * run.train.local_steps)
+    return privacy.PrivacyLedger.from_json(_planned(run.dp, rt.num_examples, run.train.batch_size, run.num_server_rounds * run.train.local_steps))
+
+
+@functools.lru_cache(maxsize=256)
+def _planned(dp, num_examples: int, batch_size: int, steps: int) -> str:
+    # Calibration takes about a second; a process serving many nodes does it once per distinct size.
+    return privacy.PrivacyLedger.plan(dp, num_examples, batch_size, steps).to_json()
 
 
 def node_key(node_config: dict, node_id: int) -> str:

@@ -3,7 +3,7 @@
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from fedlora import client_app, node, wire
+from fedlora import client_app, node, node_errors, wire
 from fedlora.config import parse_run_config
 from fedlora.model import build_model
 
@@ -14,6 +14,17 @@ def _task_identity():
     from flwr.supercore.task_identity import TaskIdentity
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+
+
+@pytest.fixture
+def node_log(caplog):
+    """The node's own log (the fedlora logger does not propagate to the root)."""
+    import logging
+
+    logger = logging.getLogger("fedlora")
+    logger.addHandler(caplog.handler)
+    yield caplog
+    logger.removeHandler(caplog.handler)
 
 
 def _setup(tiny_model_dir, task_dir, tmp_path, fingerprint=None):
@@ -59,7 +70,24 @@ def test_train_replies_with_b_only_and_persists_the_ledger(tiny_model_dir, task_
         client_app.train(msg2, ctx)
 
 
-def test_train_refuses_on_a_foreign_shared_init(tiny_model_dir, task_dir, tmp_path):
+def test_train_refuses_on_a_foreign_shared_init(tiny_model_dir, task_dir, tmp_path, node_log):
     msg, ctx = _setup(tiny_model_dir, task_dir, tmp_path, fingerprint="0" * 64)
-    with pytest.raises(node.FingerprintMismatch, match="refusing to train"):
+    with pytest.raises(node_errors.NodeError, match="E_FINGERPRINT"):
         client_app.train(msg, ctx)
+    assert any(isinstance(r.exc_info[1], node.FingerprintMismatch) and "refusing to train" in str(r.exc_info[1])
+               for r in node_log.records if r.exc_info)  # the details stay in the node's log
+
+
+def test_an_error_sent_to_the_server_carries_a_code_not_the_nodes_data(tiny_model_dir, task_dir, tmp_path, node_log):
+    from conftest import write_jsonl
+
+    msg, ctx = _setup(tiny_model_dir, task_dir, tmp_path)
+    write_jsonl(tmp_path / "private" / "train.jsonl", [{"text": "patient notes", "label": "HIV-positive"}] * 4)
+    ctx.node_config = {"data-path": str(tmp_path / "private")}
+    with pytest.raises(node_errors.NodeError) as e:
+        client_app.train(msg, ctx)
+    sent = str(e.value)  # what Flower forwards to the server
+    assert sent.startswith("fedlora node error E_CONFIG (key 'label-column')")
+    assert "HIV" not in sent and "patient" not in sent and str(tmp_path) not in sent
+    assert e.value.__cause__ is None and e.value.__suppress_context__  # no chained exception text either
+    assert "HIV-positive" in node_log.text  # the node's own log has the details

@@ -178,3 +178,16 @@ def test_empty_and_overlong_texts_are_handled(task_dir):
     enc = data_mod.encode(ds, load_tokenizer(run.model), ("text",), 32)
     lengths = enc.tensors["attention_mask"].sum(1).tolist()
     assert lengths == [2, 32] and enc.tensors["input_ids"].shape == (2, 32)
+
+
+def test_a_process_serving_many_nodes_splits_the_data_once(monkeypatch):
+    ds = datasets.Dataset.from_list([{"text": f"t{i}", "label": i % 2} for i in range(100)])
+    p = _cfg(**{"partition.method": "dirichlet"}).partition
+    built = []
+    real = data_mod._partitioner
+    monkeypatch.setattr(data_mod, "_partitioner", lambda *a: built.append(a) or real(*a))
+    data_mod._PARTITIONERS.clear()
+    parts = [data_mod.partition(ds, p, i, 10, seed=0) for i in range(10)]
+    assert len(built) == 1 and sum(len(x) for x in parts) == 100
+    data_mod.partition(ds, p, 0, 10, seed=1)  # another seed: another split
+    assert len(built) == 2
