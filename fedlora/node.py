@@ -39,6 +39,10 @@ class FingerprintMismatch(RuntimeError):
     """This node's shared frozen tensors (e.g. FFA-LoRA's A) are not the run's."""
 
 
+class LedgerMismatch(RuntimeError):
+    """A stored privacy ledger does not match what this node plans for the run: refused, not trusted."""
+
+
 def round_generator(seed: int, server_round: int, stream: int, purpose: int) -> torch.Generator:
     """Randomness for one (round, node, purpose), independent of history."""
     digest = hashlib.sha256(f"{seed}/{server_round}/{stream}/{purpose}".encode()).digest()
@@ -279,6 +283,20 @@ def _planned(dp, num_examples: int, batch_size: int, steps: int) -> str:
     return privacy.PrivacyLedger.plan(dp, num_examples, batch_size, steps).to_json()
 
 
+def check_ledger(ledger: privacy.PrivacyLedger, planned: privacy.PrivacyLedger) -> None:
+    """Refuse a stored ledger that is not this run's plan for this node (a forged
+    or stale file: another target, delta, noise, sampling rate or schedule), or
+    whose history records a mechanism other than the planned one."""
+    fields = ("target_epsilon", "delta", "noise_multiplier", "sample_rate", "planned_steps")
+    differ = [f for f in fields if not math.isclose(float(getattr(ledger, f)), float(getattr(planned, f)), rel_tol=1e-9, abs_tol=0.0)]
+    foreign = [h for h in ledger.history if not (math.isclose(h[0], planned.noise_multiplier, rel_tol=1e-9) and math.isclose(h[1], planned.sample_rate, rel_tol=1e-9) and int(h[2]) >= 0)]
+    if differ or foreign:
+        raise LedgerMismatch(
+            f"the stored privacy ledger differs from this run's plan for this node ({', '.join(differ) or 'history'}): "
+            "refusing to train; remove the ledger only if you know why it differs"
+        )
+
+
 def node_key(node_config: dict, node_id: int) -> str:
     """This node's identity across restarts: keys its ledger and personal state."""
     return str(node_config.get("partition-id", node_config.get("data-path", node_id)))
@@ -316,20 +334,38 @@ class NodeTask:
         if (cached := self.store.load_reply(r, digest)) is not None:
             log.info("round %d: sending again the update already sent for this round (no new training, no new privacy cost)", r)
             return cached[0], cached[1], None
-        # Keyed by the run (survives a resumed run) and this node's identity.
-        ledger = (self.store.load_ledger(ledger_in_state) or plan_ledger(rt)) if rt.run.dp.enabled else None
+        ledger = self._spend_ahead(ledger_in_state) if rt.run.dp.enabled else None
         out, metrics = train_round(
             rt, arrays, r, ledger, progress_prefix=f"[node {self.name} round {r}] ",
             exchange=self.exchange, personal=self.store.load_personal(r - 1) if self.has_personal else None,
         )
+        # The order of writes: ledger (before training), personal state, then the reply.
+        # A crash before the reply re-trains (and the ledger, already charged, may refuse);
+        # it never replays an update whose steps were not recorded.
         if self.has_personal:
             self.store.save_personal(r, wire.to_arrays(rt.model, wire.personal_names(rt.model, self.exchange)))
         if ledger is not None:
-            self.store.save_ledger(ledger)
             metrics["noise-multiplier"] = ledger.noise_multiplier
-        # After the ledger: a crash in between re-trains (refused by the ledger), never replays unaccounted steps.
         self.store.save_reply(r, digest, out, metrics)
         return out, metrics, ledger.to_json() if ledger is not None else None
+
+    def _spend_ahead(self, ledger_in_state: str | None) -> privacy.PrivacyLedger:
+        """The run's ledger for this node, checked and charged on disk for this
+        round's steps BEFORE training (write-ahead), under the ledger's lock."""
+        steps = self.rt.run.train.local_steps
+        with self.store.ledger_lock():
+            planned = plan_ledger(self.rt)
+            # Keyed by the run (survives a resumed run) and this node's identity.
+            ledger = self.store.load_ledger(ledger_in_state)
+            if ledger is None:
+                ledger = planned
+            else:
+                check_ledger(ledger, planned)
+            ledger.check(steps)
+            ahead = privacy.PrivacyLedger.from_json(ledger.to_json())
+            ahead.record(steps)
+            self.store.save_ledger(ahead)
+        return ledger  # train_round checks and records the same steps in memory
 
     def evaluate(self, arrays: ArrayRecord) -> dict[str, Any]:
         """The global model (with this node's personal tensors) on the node's held-out split."""

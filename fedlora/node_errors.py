@@ -14,6 +14,7 @@ from .wire import PayloadError
 
 MESSAGES = {
     "E_BUDGET": "privacy budget exhausted: the node will not train further in this run",
+    "E_LEDGER": "this node's stored privacy ledger does not match the run's privacy settings",
     "E_FINGERPRINT": "this node's shared frozen tensors differ from the run's (seed, model, lora.* settings or library versions)",
     "E_CONFIG": "the run config cannot be used with this node's model or data",
     "E_PAYLOAD": "the arrays the server sent do not fit this node's model",
@@ -34,12 +35,14 @@ class NodeError(RuntimeError):
 
 def classify(exc: BaseException) -> NodeError:
     """The code (and, for a config error, the public key name) for ``exc``."""
-    from .node import FingerprintMismatch  # node imports nothing from here; avoid a cycle at import
+    from .node import FingerprintMismatch, LedgerMismatch  # node imports nothing from here; avoid a cycle at import
 
     if isinstance(exc, NodeError):
         return exc
     if isinstance(exc, BudgetExhausted):
         return NodeError("E_BUDGET")
+    if isinstance(exc, LedgerMismatch):
+        return NodeError("E_LEDGER")
     if isinstance(exc, FingerprintMismatch):
         return NodeError("E_FINGERPRINT")
     if isinstance(exc, PayloadError):

@@ -11,9 +11,12 @@ may start a fresh one) lives under the node's state directory
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -60,6 +63,18 @@ class NodeStore:
 
     def save_ledger(self, ledger: privacy.PrivacyLedger) -> None:
         write_atomic(self.ledger_path, ledger.to_json())  # a crash leaves the old ledger or the new one
+
+    @contextlib.contextmanager
+    def ledger_lock(self) -> Iterator[None]:
+        """Held across a ledger's check and its record: two train messages for
+        the same node and run (two processes) cannot both pass the check."""
+        os.makedirs(os.path.dirname(self.ledger_path), exist_ok=True)
+        with open(self.ledger_path + ".lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     # -- the last reply ---------------------------------------------------------------
 

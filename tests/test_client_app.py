@@ -91,3 +91,58 @@ def test_an_error_sent_to_the_server_carries_a_code_not_the_nodes_data(tiny_mode
     assert "HIV" not in sent and "patient" not in sent and str(tmp_path) not in sent
     assert e.value.__cause__ is None and e.value.__suppress_context__  # no chained exception text either
     assert "HIV-positive" in node_log.text  # the node's own log has the details
+
+
+def test_a_forged_ledger_is_refused_not_trusted(tiny_model_dir, task_dir, tmp_path):
+    import json
+
+    from fedlora.node_store import NodeStore
+    from fedlora.privacy import PrivacyLedger
+
+    msg, ctx = _setup(tiny_model_dir, task_dir, tmp_path)
+    store = NodeStore(str(tmp_path), "run-1", "0")  # this node's store for the run (partition 0)
+    forged = {"target_epsilon": 1e9, "delta": 1e-5, "noise_multiplier": 0.001, "sample_rate": 0.02, "planned_steps": 10**6, "history": []}
+    store.save_ledger(PrivacyLedger(**forged))
+    with pytest.raises(node_errors.NodeError, match="E_LEDGER"):
+        client_app.train(msg, ctx)
+    assert json.loads(open(store.ledger_path).read()) == forged  # left as it was, for the operator to inspect
+
+
+def test_the_ledger_is_charged_before_training(tiny_model_dir, task_dir, tmp_path, monkeypatch):
+    from fedlora import training
+    from fedlora.node_store import NodeStore
+
+    msg, ctx = _setup(tiny_model_dir, task_dir, tmp_path)
+
+    def crash(*args, **kwargs):  # the process dies mid-training
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(training, "train", crash)
+    with pytest.raises(node_errors.NodeError, match="E_INTERNAL"):
+        client_app.train(msg, ctx)
+    ledger = NodeStore(str(tmp_path), "run-1", "0").load_ledger()
+    assert ledger is not None and ledger.steps_spent == 2  # local-steps, recorded before training started
+    monkeypatch.undo()
+    with pytest.raises(node_errors.NodeError, match="E_BUDGET"):  # the plan (1 round x 2 steps) is spent
+        client_app.train(msg, ctx)
+
+
+def test_the_ledger_lock_serialises_two_writers(tmp_path):
+    import threading
+    import time
+
+    from fedlora.node_store import NodeStore
+
+    store, order = NodeStore(str(tmp_path), "run", "node"), []
+
+    def second():
+        with store.ledger_lock():
+            order.append("second")
+
+    with store.ledger_lock():
+        t = threading.Thread(target=second)
+        t.start()
+        time.sleep(0.3)
+        order.append("first")
+    t.join(5)
+    assert order == ["first", "second"]
