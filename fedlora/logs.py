@@ -2,8 +2,18 @@
 
 import logging
 import sys
+import warnings
 
 _FORMAT = "%(levelname)s %(asctime)s fedlora: %(message)s"
+
+# Library notices that say nothing about the run, printed by every process of
+# every run (a first run's output should be readable). Silenced by exact message.
+_NOISE = (
+    (FutureWarning, r".*`is_gradient_checkpointing` is deprecated"),  # transformers 5, from PEFT's model wrapper
+    (FutureWarning, r"Tip: In future versions of Ray, Ray will no longer override accelerator"),  # Ray, num_gpus=0
+)
+for _category, _message in _NOISE:
+    warnings.filterwarnings("ignore", message=_message, category=_category)
 
 
 def setup_logging(level: int = logging.INFO) -> logging.Logger:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from fedlora.config import DEFAULTS, STRATEGIES, ConfigError, parse_run_config
+from fedlora.config import DEFAULTS, OPTIONS, STRATEGY_REGISTRY, ConfigError, parse_run_config
 from fedlora.strategies import STRATEGIES as REGISTRY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,13 +22,20 @@ def _flatten(d, prefix=""):
 
 
 def test_pyproject_defaults_match_code_defaults():
-    # run_simulation passes an empty run config, so the code's defaults must be pyproject's.
-    app_cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    assert _flatten(app_cfg) == DEFAULTS
+    # run_simulation passes an empty run config, so the code's defaults must be pyproject's:
+    # the same keys, in the declaration's order, with the same values of the same types.
+    app_cfg = _flatten(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+    assert app_cfg == DEFAULTS
+    assert list(app_cfg) == list(DEFAULTS)
+    assert {k: type(v) for k, v in app_cfg.items()} == {k: type(v) for k, v in DEFAULTS.items()}
 
 
 def test_registry_and_config_agree_on_strategies():
-    assert set(STRATEGIES) == set(REGISTRY)
+    # One list: the `strategy` key's choices are the registry the strategy classes fill.
+    assert OPTIONS["strategy"].choices is STRATEGY_REGISTRY is REGISTRY
+    assert set(REGISTRY) == {"lora", "ffa-lora", "fedex-lora", "flora", "fedsa-lora", "fedsvd"}
+    for name in REGISTRY:
+        assert parse_run_config({"strategy": name}).strategy == name
 
 
 def test_defaults_parse():
@@ -36,7 +43,12 @@ def test_defaults_parse():
     assert run.strategy == "ffa-lora"
     assert run.lora.target_modules == ("query", "value")
     assert run.dp.enabled and run.dp.delta == 1e-5
-    assert run.partition.num_partitions == 3
+    assert run.node_wait_timeout == 300.0 and run.min_train_nodes == 2 and run.train.micro_batch_size == 0
+    # The number of simulated nodes is node config (partition-id / num-partitions), not run config.
+    assert "num-partitions" not in DEFAULTS and not hasattr(run.partition, "num_partitions")
+    with pytest.raises(ConfigError, match="unknown key") as e:
+        parse_run_config({"num-partitions": 3})
+    assert e.value.key == "num-partitions"
 
 
 @pytest.mark.parametrize(
@@ -58,6 +70,16 @@ def test_defaults_parse():
         ("text-columns", "a,b,c", "at most two"),
         ("optimizer", "lbfgs", "must be one of"),
         ("no-such-key", 1, "unknown key"),
+        ("aggregation.method", "avg", "must be one of"),
+        ("user-dp.mode", "on", "must be one of"),
+        ("tracking.wandb-mode", "cloud", "must be one of"),
+        ("tracking.backends", "tensorboard,neptune", "unknown tracker"),
+        ("node-wait-timeout", 0, "> 0"),
+        ("node-wait-timeout", "300", "must be a number"),
+        ("micro-batch-size", -1, ">= 0"),
+        ("micro-batch-size", 2.5, "integer"),
+        ("lora.client-ranks", "2,x", "comma-separated integers"),
+        ("lora.client-ranks", "2,9", "1..lora.r (8)"),
     ],
 )
 def test_bad_values_name_key_and_value(key, value, fragment):

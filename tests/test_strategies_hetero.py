@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
-from conftest import FakeGrid
-from conftest import reply as _reply
 from fedlora import node, wire
 from fedlora.config import ConfigError, parse_run_config
 from fedlora.model import build_model
 from fedlora.strategies import FedExLoraStrategy, FfaLoraStrategy, FloraStrategy, LoraStrategy, get_strategy
 
+from conftest import FakeGrid
+from conftest import reply as _reply
 
 pytestmark = pytest.mark.usefixtures("server_task_identity")
 
@@ -203,7 +203,11 @@ def test_node_rank_truncates_the_global_factors_and_ffa_refuses(tiny_model_dir, 
     with pytest.raises(ConfigError, match="cannot aggregate mixed ranks") as e:
         node.get_runtime(parse_run_config({**cfg, "strategy": "ffa-lora"}), {"partition-id": 0, "num-partitions": 3}, LABELS, False, "")
     assert e.value.key == "lora-rank"
-    with pytest.raises(ConfigError, match="one rank per simulated node"):
-        parse_run_config({**cfg, "lora.client-ranks": "2,4"})
+    # Fewer ranks than nodes: the run config cannot know the number of nodes, so the node without an entry refuses.
+    short = parse_run_config({**cfg, "lora.client-ranks": "2,4"})
+    assert node.node_rank(short, {"partition-id": 1, "num-partitions": 3}) == 4
+    with pytest.raises(ConfigError, match="one rank per simulated node") as e:
+        node.node_rank(short, {"partition-id": 2, "num-partitions": 3})
+    assert e.value.key == "lora.client-ranks"
     with pytest.raises(ConfigError, match=r"1\.\.lora\.r"):
         parse_run_config({**cfg, "lora.client-ranks": "2,8,4"})

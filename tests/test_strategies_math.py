@@ -2,20 +2,25 @@
 hand-checkable tensors, and what each method puts on the wire."""
 
 import os
+
 import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 
-from conftest import FakeGrid, reply
 from fedlora import wire
 from fedlora.config import ConfigError, parse_run_config
 from fedlora.model import build_model, is_lora_a
 from fedlora.strategies import (
-    FedExLoraStrategy, FedSaLoraStrategy, FedSvdStrategy, FloraStrategy, get_strategy,
+    FedExLoraStrategy,
+    FedSaLoraStrategy,
+    FedSvdStrategy,
+    FloraStrategy,
+    get_strategy,
 )
 from fedlora.strategies.fedsvd import refactor
 
+from conftest import FakeGrid, reply
 
 pytestmark = pytest.mark.usefixtures("server_task_identity")
 
@@ -254,6 +259,8 @@ def test_fedsa_node_keeps_its_own_b_across_rounds(tiny_model_dir, task_dir, tmp_
     """A FedSA-LoRA node trains round t from the B it saved after round t-1
     (on disk: a fresh process per round finds it), by round number."""
     from fedlora import node
+    from fedlora.config import cache_dir
+    from fedlora.node_store import NodeStore
 
     node._MODELS.clear()
     node._NODE_DATA.clear()
@@ -262,18 +269,19 @@ def test_fedsa_node_keeps_its_own_b_across_rounds(tiny_model_dir, task_dir, tmp_
     ex = get_strategy("fedsa-lora").exchange
     rt = node.get_runtime(run, {"partition-id": 0, "num-partitions": 3}, ("0", "1"), True)
     global_arrays = wire.to_arrays(rt.model, wire.down_names(rt.model, ex))
-    pdir = node.personal_dir(rt, "run-key", "node-0")
-    assert node.load_personal(pdir, 0) is None  # round 1 starts from B = 0
+    store = NodeStore(cache_dir(rt.run), "run-key", "node-0")
+    pdir = store.personal_dir
+    assert store.load_personal(0) is None  # round 1 starts from B = 0
     node.train_round(rt, global_arrays, 1, None, exchange=ex, personal=None)
     b_after_1 = wire.to_arrays(rt.model, wire.personal_names(rt.model, ex))
     assert any(np.abs(v.numpy()).max() > 0 for v in b_after_1.values())  # B trained
-    node.save_personal(pdir, 1, b_after_1)
+    store.save_personal(1, b_after_1)
     # Round 2, as a fresh process would: load by round, train with a step too small to move B.
     tiny = parse_run_config({**run.raw, "learning-rate": 1e-12})
     rt2 = node.get_runtime(tiny, {"partition-id": 0, "num-partitions": 3}, ("0", "1"), True)
-    node.train_round(rt2, global_arrays, 2, None, exchange=ex, personal=node.load_personal(pdir, 1))
+    node.train_round(rt2, global_arrays, 2, None, exchange=ex, personal=store.load_personal(1))
     for k, v in wire.to_arrays(rt2.model, wire.personal_names(rt2.model, ex)).items():
         np.testing.assert_allclose(v.numpy(), b_after_1[k].numpy(), atol=1e-6)
-    node.save_personal(pdir, 2, b_after_1)
-    node.save_personal(pdir, 3, b_after_1)
+    store.save_personal(2, b_after_1)
+    store.save_personal(3, b_after_1)
     assert sorted(os.listdir(pdir)) == ["2.npz", "3.npz"]  # the current and the previous round only

@@ -1,5 +1,6 @@
 """The federated LoRA strategy base: FedAvg over exactly the payload a method
-sends, with byte counting, a shared-init fingerprint, and per-round stats."""
+sends, with byte counting, a shared-init fingerprint, and per-round stats.
+A strategy is one subclass in one module of this package; see ``FedLoraStrategy``."""
 
 from __future__ import annotations
 
@@ -15,14 +16,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 
 from .. import validation, wire
-from ..config import AGGREGATIONS, ConfigError
+from ..config import AGGREGATIONS, STRATEGY_REGISTRY, ConfigError
 from ..user_dp import UserDP
 
 log = logging.getLogger("fedlora")
 
-# Config keys the server sends with every train/evaluate message.
-FINGERPRINT_KEY = "shared-fingerprint"
-STRATEGY_KEY = "strategy"
 
 
 @dataclass
@@ -69,14 +67,59 @@ def _content_digest(msg: Message) -> str:
 
 
 class FedLoraStrategy(FedAvg):
-    """FedAvg restricted to a method's payload.
+    """FedAvg restricted to a method's payload; the base of every federated LoRA method.
 
-    Subclasses set ``name`` and ``train_lora_a`` (whether LoRA A is trained
-    and therefore sent). The payload (keys and shapes) is fixed at start: a
-    reply with other tensors is refused, which is how FFA-LoRA guarantees that
-    no A tensor is ever aggregated. Every reply passes ``fedlora.validation``
-    first; a refused reply is logged with its node and reason, and the round
-    aggregates the rest if at least ``min_replies`` remain.
+    The payload (keys and shapes) is fixed at start: a reply with other tensors
+    is refused, which is how FFA-LoRA guarantees that no A tensor is ever
+    aggregated. Every reply passes ``fedlora.validation`` first; a refused reply
+    is logged with its node and reason, and the round aggregates the rest if at
+    least ``min_replies`` remain.
+
+    **Adding a method** takes one new module in ``fedlora/strategies/`` with one
+    subclass: the class registers itself under its ``name`` (``__init_subclass__``
+    -> ``config.STRATEGY_REGISTRY``, which is also the ``strategy`` key's choices),
+    and the package imports every module in it, so nothing else is edited
+    (regenerate docs/CONFIGURATION.md, which lists the choices).
+
+    Class attributes a subclass sets (the defaults are vanilla LoRA's):
+
+    - ``name``: the run config's ``strategy`` value; unique (a second class under a
+      name is an error). A subclass that does not set it is not registered.
+    - ``exchange``: a ``wire.Exchange``: what clients train (``train_a``), what the
+      server sends down and what clients send up, whether factors restart each
+      round, whether a base-weight update is kept. ``train_lora_a`` is set from it.
+    - ``exact_aggregation``: whether the new global model is exactly the clients'
+      example-weighted mean model (reported, and documented per method).
+    - ``robust_ok``: False if the method's math needs the example-weighted mean
+      (``aggregation.method`` other than ``mean`` is then refused at start).
+    - ``mixed_ranks``: how replies of a lower LoRA rank are aggregated:
+      ``"zero-padding"`` (padded to the global rank here), ``"stacking"``, or
+      ``""`` (refused: every node must have rank ``lora.r``).
+    - ``user_dp_ok``: False if what the server releases is not the (noised) mean
+      of the updates, so user-level DP cannot bound it (refused at start).
+    - ``merge_needs_start``: what ``merge_state`` reads of the round's starting
+      state ``self.current`` (e.g. ``"the round's A"``), for the error when there
+      is none (no ``configure_train`` before); ``""``: nothing, and without a
+      start the merge is over the aggregate alone.
+
+    A round: ``configure_train`` sends ``down_arrays`` of the global state;
+    ``aggregate_train`` screens the replies (``_screen``), accounts for them
+    (``_account``: bytes, metrics, privacy spent), aggregates what passed
+    (``_aggregate``: update clipping, then user-level DP, FedAvg or the robust
+    aggregator) and returns ``merge``'s new global state.
+
+    ``merge(aggregated, replies) -> ArrayRecord`` takes the aggregated payload
+    (an ``ArrayRecord`` of the payload keys, at the global rank) and the
+    validated replies (``RecordDict``s, in a fixed order, lower ranks padded) and
+    returns the new global state: the round's start ``self.current`` with the
+    aggregated tensors replaced. Subclasses do not override it; a method that
+    does more implements the hook ``merge_state(state, aggregated, replies)``,
+    which changes ``state`` (key -> numpy array: the start with the aggregate)
+    in place, e.g. folding a base-weight update into it (``wire.add_base_delta``);
+    every array is then stored as float32. Helpers: ``weighted_replies`` (example
+    weights and float64 factors per reply) and ``factor_keys`` (the (A, B) key
+    pairs). Other hooks: ``down_arrays`` (what the server sends), ``state`` and
+    ``load_state`` (what a checkpoint keeps besides the arrays).
     """
 
     name = ""
@@ -86,10 +129,13 @@ class FedLoraStrategy(FedAvg):
     robust_ok = True  # False: the method's math needs the example-weighted mean
     mixed_ranks = "zero-padding"  # how replies of a lower rank are aggregated ("" = refused)
     user_dp_ok = True  # False: what the server releases is not the (noised) mean of the updates
+    merge_needs_start = ""  # what merge_state reads of self.current (the round's start); "" = nothing
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
         cls.train_lora_a = cls.exchange.train_a
+        if cls.__dict__.get("name"):  # declared by this class, not inherited
+            STRATEGY_REGISTRY.register(cls.name, cls)
 
     def __init__(
         self, *, payload_shapes: dict[str, tuple[int, ...]], fingerprint: str, extra_config: dict | None = None,
@@ -104,7 +150,8 @@ class FedLoraStrategy(FedAvg):
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
         if aggregation != "mean" and not self.robust_ok:
-            raise ConfigError("aggregation.method", aggregation, f"strategy {self.name} needs 'mean' (its exact aggregation is defined for the weighted mean)")
+            raise ConfigError("aggregation.method", aggregation, f"strategy {self.name} needs 'mean' "
+                              "(its exact aggregation is defined for the weighted mean)")
         metric_fn = kwargs["train_metrics_aggr_fn"]
         self.aggregation = aggregation
         self._robust: FedAvg | None = None
@@ -123,11 +170,16 @@ class FedLoraStrategy(FedAvg):
         self.user_dp = user_dp
         if user_dp is not None:
             if not self.user_dp_ok:
-                raise ConfigError("user-dp.mode", user_dp.mode, f"strategy {self.name} releases a base-weight update, a product of each client's factors that update clipping does not bound: no user-level DP")
+                raise ConfigError("user-dp.mode", user_dp.mode,
+                                  f"strategy {self.name} releases a base-weight update, a product of each client's "
+                                  "factors that update clipping does not bound: no user-level DP")
             if aggregation != "mean":
-                raise ConfigError("aggregation.method", aggregation, "user-level DP needs 'mean' (its noise is calibrated for the mean of clipped updates)")
+                raise ConfigError("aggregation.method", aggregation, "user-level DP needs 'mean' "
+                                  "(its noise is calibrated for the mean of clipped updates)")
             if user_dp.mode == "client-fixed" and self.down_keys != self.payload_keys:
-                raise ConfigError("user-dp.mode", user_dp.mode, f"Flower's fixedclipping_mod needs a reply with the tensors it received; strategy {self.name} sends others: use server-fixed")
+                raise ConfigError("user-dp.mode", user_dp.mode,
+                                  "Flower's fixedclipping_mod needs a reply with the tensors it received; "
+                                  f"strategy {self.name} sends others: use server-fixed")
         self.min_replies = min_replies
         self.max_norm_ratio = max_norm_ratio
         self._sent: dict[int, tuple[set[int], dict]] = {}  # round -> (selected nodes, arrays sent)
@@ -143,17 +195,19 @@ class FedLoraStrategy(FedAvg):
                  self.name, len(self.payload_keys), self.exact_aggregation)
 
     def _with_run_config(self, config: ConfigRecord) -> ConfigRecord:
-        config[STRATEGY_KEY] = self.name
-        config[FINGERPRINT_KEY] = self.fingerprint
+        config[wire.STRATEGY_KEY] = self.name
+        config[wire.FINGERPRINT_KEY] = self.fingerprint
         for k, v in self.extra_config.items():
             config[k] = v
         return config
 
     def down_arrays(self, arrays: ArrayRecord) -> ArrayRecord:
         """What the server sends of its global state: the method's tensors and any base delta."""
-        return ArrayRecord({k: arrays[k] for k in arrays.keys() if k in self.down_keys or wire.is_delta(k)})
+        return ArrayRecord({k: arrays[k] for k in arrays if k in self.down_keys or wire.is_delta(k)})
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
+    ) -> Iterable[Message]:
         stats = self.rounds[server_round] = RoundStats()
         self.current = arrays
         down = self.down_arrays(arrays)
@@ -162,16 +216,19 @@ class FedLoraStrategy(FedAvg):
             self.user_dp.configure(config)
         messages = list(super().configure_train(server_round, down, config, grid))
         if self.user_dp is not None and len(messages) != self.user_dp.num_sampled:
-            raise RuntimeError(f"user-level DP is calibrated for {self.user_dp.num_sampled} clients per round, {len(messages)} were sampled")
+            raise RuntimeError(f"user-level DP is calibrated for {self.user_dp.num_sampled} clients per round, "
+                               f"{len(messages)} were sampled")
         stats.sampled = len(messages)
         stats.bytes_down = wire.nbytes(down) * len(messages)
         # A reply's update is relative to where its node started: the global values of the reply's keys.
-        start = {k: arrays[k].numpy() for k in arrays.keys() if k in self.payload_keys}  # in the state's (fixed) order
+        start = {k: arrays[k].numpy() for k in arrays if k in self.payload_keys}  # in the state's (fixed) order
         self._sent = {server_round: ({m.metadata.dst_node_id for m in messages}, start)}
         self._sent_msgs = messages
         return messages
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
+    ) -> Iterable[Message]:
         down = self.down_arrays(arrays)
         messages = list(super().configure_evaluate(server_round, down, self._with_run_config(config), grid))
         if server_round in self.rounds:
@@ -212,7 +269,8 @@ class FedLoraStrategy(FedAvg):
         # Under user-level DP the clip bounds each client's influence; screening by
         # norm would make the release depend on unnoised norms (and publish them).
         if sent is not None and self.user_dp is None:
-            norms = {m.metadata.src_node_id: validation.update_norm(m.content, self._refs[m.metadata.src_node_id]) for m in good}
+            norms = {m.metadata.src_node_id: validation.update_norm(m.content, self._refs[m.metadata.src_node_id])
+                     for m in good}
             outliers = validation.norm_outliers(norms, self.max_norm_ratio)
             for node, reason in outliers.items():
                 self._refuse(stats, node, reason)
@@ -239,20 +297,37 @@ class FedLoraStrategy(FedAvg):
                 padded[: value.shape[0], : value.shape[1]] = value
                 record[key] = Array(padded)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message],
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Screen the replies, account for them, aggregate those that passed, merge into the new global state."""
         stats = self.rounds.setdefault(server_round, RoundStats())
-        good = self._valid_replies(server_round, list(replies), stats)
+        good = self._screen(server_round, list(replies), stats)
+        self._account(good, stats)
+        arrays, metrics = self._aggregate(server_round, good, stats)
+        if arrays is not None:
+            arrays = self.merge(arrays, [m.content for m in good])
+        return arrays, metrics
+
+    def _screen(self, server_round: int, replies: list[Message], stats: RoundStats) -> list[Message]:
+        """The replies this round aggregates: the valid ones, or none when too few are."""
+        good = self._valid_replies(server_round, replies, stats)
         for failure in stats.failures:
             log.warning("round %d: refused reply from %s", server_round, failure)
         if len(good) < self.min_replies:
             log.warning("round %d: %d valid replies, fewer than min-replies=%d: the global adapter is kept",
                         server_round, len(good), self.min_replies)
-            good = []
+            return []
         if self.user_dp is not None and good and len(good) != self.user_dp.num_sampled:
             # The noise is calibrated for the mean of exactly num_sampled clipped updates.
-            stats.failures.append(f"user-level DP: {len(good)} valid replies of {self.user_dp.num_sampled} sampled; the global adapter is kept")
+            stats.failures.append(f"user-level DP: {len(good)} valid replies of {self.user_dp.num_sampled} sampled; "
+                                  "the global adapter is kept")
             log.warning("round %d: %s", server_round, stats.failures[-1])
-            good = []
+            return []
+        return good
+
+    def _account(self, good: list[Message], stats: RoundStats) -> None:
+        """Bytes up, each client's metrics and the privacy spent, into the round's stats."""
         stats.replies = len(good)
         for m in good:
             stats.bytes_up += self._up_bytes.pop(m.metadata.src_node_id)
@@ -262,26 +337,32 @@ class FedLoraStrategy(FedAvg):
             self.spent[node] = max(self.spent.get(node, 0.0), float(metrics.get("epsilon", 0.0)))
         # Privacy spent so far: the max over every node that ever trained, not only this round's.
         stats.epsilon = max(self.spent.values(), default=0.0)
+
+    def _aggregate(
+        self, server_round: int, good: list[Message], stats: RoundStats,
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The aggregated payload and metrics of ``good`` ((None, None) when empty)."""
         if not good:
             if self.user_dp is not None:
                 stats.user_epsilon = self.user_dp.epsilon()
             return None, None
-        if self.clip_norm > 0 and self._sent.get(server_round, (None, None))[1] is not None:
-            for m in good:
-                if (scale := validation.clip_update(m.content, self._refs[m.metadata.src_node_id], self.clip_norm)) < 1:
-                    log.info("round %d: node %d's update clipped (x%.3g)", server_round, m.metadata.src_node_id, scale)
+        self._clip_updates(server_round, good)
         if self.user_dp is not None:
             start = self._sent[server_round][1]
             starts = [self._refs[m.metadata.src_node_id] for m in good]
             arrays = self.user_dp.aggregate(server_round, [m.content for m in good], start, starts)
             metrics = self.train_metrics_aggr_fn([m.content for m in good], self.weighted_by_key)
             stats.user_epsilon = self.user_dp.epsilon()
-        else:
-            aggregate = self._robust.aggregate_train if self._robust is not None else super().aggregate_train
-            arrays, metrics = aggregate(server_round, good)
-        if arrays is not None:
-            arrays = self.merge(arrays, [m.content for m in good])
-        return arrays, metrics
+            return arrays, metrics
+        aggregate = self._robust.aggregate_train if self._robust is not None else super().aggregate_train
+        return aggregate(server_round, good)
+
+    def _clip_updates(self, server_round: int, good: list[Message]) -> None:
+        """``aggregation.clip-norm``: each update (reply - where its node started) clipped in place."""
+        if self.clip_norm > 0 and self._sent.get(server_round, (None, None))[1] is not None:
+            for m in good:
+                if (scale := validation.clip_update(m.content, self._refs[m.metadata.src_node_id], self.clip_norm)) < 1:
+                    log.info("round %d: node %d's update clipped (x%.3g)", server_round, m.metadata.src_node_id, scale)
 
     def state(self) -> dict:
         """What a checkpoint must keep besides the global arrays."""
@@ -292,12 +373,25 @@ class FedLoraStrategy(FedAvg):
             self.user_dp.load_state(state["user-dp"])
 
     def merge(self, aggregated: ArrayRecord, replies: list[RecordDict]) -> ArrayRecord:
-        """The new global state from the aggregated payload (and, for methods
-        that need them, the individual replies): here the round's start with the
-        aggregated tensors replaced."""
+        """The new global state from the aggregated payload and the replies it
+        came from: the round's start with the aggregated tensors replaced, then,
+        for a method with a ``merge_state`` hook, what the hook makes of it, as
+        float32. Subclasses implement the hook, not this."""
         if self.current is None:
-            return aggregated
-        return ArrayRecord({**{k: self.current[k] for k in self.current.keys()}, **{k: aggregated[k] for k in aggregated.keys()}})
+            if self.merge_needs_start:
+                raise RuntimeError(f"{self.name}: merge needs {self.merge_needs_start} (configure_train first)")
+            merged = aggregated
+        else:
+            start = {k: self.current[k] for k in self.current}
+            merged = ArrayRecord({**start, **{k: aggregated[k] for k in aggregated}})
+        if type(self).merge_state is FedLoraStrategy.merge_state:  # no hook: the tensors as aggregated
+            return merged
+        state = {k: v.numpy() for k, v in merged.items()}
+        self.merge_state(state, aggregated, replies)
+        return ArrayRecord({k: Array(np.ascontiguousarray(v, dtype=np.float32)) for k, v in state.items()})
+
+    def merge_state(self, state: dict[str, np.ndarray], aggregated: ArrayRecord, replies: list[RecordDict]) -> None:
+        """Hook: change the merged ``state`` (key -> array) in place; see ``merge``."""
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         metrics = super().aggregate_evaluate(server_round, replies)
@@ -310,7 +404,8 @@ def weighted_replies(replies: list[RecordDict], weight_key: str = validation.WEI
     """(example weight n_k / sum n, {key: float64 array}) per reply, in the given order."""
     records = [(next(iter(r.metric_records.values())), next(iter(r.array_records.values()))) for r in replies]
     total = sum(float(m[weight_key]) for m, _ in records)
-    return [(float(m[weight_key]) / total, {k: np.asarray(a.numpy(), np.float64) for k, a in arrays.items()}) for m, arrays in records]
+    return [(float(m[weight_key]) / total, {k: np.asarray(a.numpy(), np.float64) for k, a in arrays.items()})
+            for m, arrays in records]
 
 
 def factor_keys(keys) -> list[tuple[str, str]]:

@@ -18,7 +18,7 @@ residual is computed from DP-trained factors: post-processing, no extra cost.
 """
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.app import ArrayRecord, RecordDict
 
 from .. import wire
 from .base import FedLoraStrategy, factor_keys, weighted_replies
@@ -31,8 +31,7 @@ class FedExLoraStrategy(FedLoraStrategy):
     robust_ok = False
     user_dp_ok = False  # the base update is not a mean of clipped updates
 
-    def merge(self, aggregated: ArrayRecord, replies: list[RecordDict]) -> ArrayRecord:
-        state = {k: v.numpy() for k, v in super().merge(aggregated, replies).items()}
+    def merge_state(self, state: dict[str, np.ndarray], aggregated: ArrayRecord, replies: list[RecordDict]) -> None:
         clients = weighted_replies(replies)
         for ka, kb in factor_keys(aggregated.keys()):
             # The global factors as stored (float32), so that the fold is exact for them.
@@ -40,4 +39,3 @@ class FedExLoraStrategy(FedLoraStrategy):
             u = self.lora_scale * np.concatenate([w * c[kb] for w, c in clients] + [-mean_b], axis=1)
             v = np.concatenate([c[ka] for _, c in clients] + [mean_a], axis=0)
             wire.add_base_delta(state, wire.lora_module(ka), u, v)
-        return ArrayRecord({k: Array(np.ascontiguousarray(v, dtype=np.float32)) for k, v in state.items()})

@@ -11,7 +11,7 @@ A. The SVD is post-processing of DP-trained B: no extra privacy cost.
 """
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.app import ArrayRecord, RecordDict
 
 from .. import wire
 from .base import FedLoraStrategy, factor_keys
@@ -30,12 +30,9 @@ class FedSvdStrategy(FedLoraStrategy):
     name = "fedsvd"
     exchange = wire.Exchange(train_a=False, a_down=True)
     exact_aggregation = True
+    merge_needs_start = "the round's A"
 
-    def merge(self, aggregated: ArrayRecord, replies: list[RecordDict]) -> ArrayRecord:
-        if self.current is None:
-            raise RuntimeError("fedsvd: merge needs the round's A (configure_train first)")
-        state = {k: v.numpy() for k, v in super().merge(aggregated, replies).items()}
+    def merge_state(self, state: dict[str, np.ndarray], aggregated: ArrayRecord, replies: list[RecordDict]) -> None:
         for ka, kb in factor_keys(self.current.keys()):
-            if kb in aggregated.keys():
+            if kb in aggregated:
                 state[kb], state[ka] = refactor(state[kb], self.current[ka].numpy())
-        return ArrayRecord({k: Array(np.ascontiguousarray(v, dtype=np.float32)) for k, v in state.items()})

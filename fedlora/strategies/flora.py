@@ -14,7 +14,7 @@ its LoRA factors stay at the restart values (B = 0).
 """
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.app import ArrayRecord, RecordDict
 
 from .. import wire
 from .base import FedLoraStrategy, factor_keys, weighted_replies
@@ -27,15 +27,12 @@ class FloraStrategy(FedLoraStrategy):
     robust_ok = False
     user_dp_ok = False  # the base update is not a mean of clipped updates
     mixed_ranks = "stacking"
+    merge_needs_start = "the round's starting state"  # the factors go back to its restart values
 
-    def merge(self, aggregated: ArrayRecord, replies: list[RecordDict]) -> ArrayRecord:
-        if self.current is None:
-            raise RuntimeError("flora: merge needs the round's starting state (configure_train first)")
-        state = {k: v.numpy() for k, v in super().merge(aggregated, replies).items()}
+    def merge_state(self, state: dict[str, np.ndarray], aggregated: ArrayRecord, replies: list[RecordDict]) -> None:
         clients = weighted_replies(replies)
         for ka, kb in factor_keys(aggregated.keys()):
             u = self.lora_scale * np.concatenate([w * c[kb] for w, c in clients], axis=1)
             v = np.concatenate([c[ka] for _, c in clients], axis=0)
             wire.add_base_delta(state, wire.lora_module(ka), u, v)
             state[ka], state[kb] = self.current[ka].numpy(), self.current[kb].numpy()  # restart values
-        return ArrayRecord({k: Array(np.ascontiguousarray(v, dtype=np.float32)) for k, v in state.items()})

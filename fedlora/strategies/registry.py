@@ -1,21 +1,12 @@
-"""Run-config ``strategy`` name -> strategy class."""
+"""Run-config ``strategy`` name -> strategy class: the classes register
+themselves (``FedLoraStrategy.__init_subclass__``) into ``config.STRATEGY_REGISTRY``."""
 
-from ..config import ConfigError
-from .base import FedLoraStrategy
-from .fedex_lora import FedExLoraStrategy
-from .fedsa_lora import FedSaLoraStrategy
-from .fedsvd import FedSvdStrategy
-from .ffa_lora import FfaLoraStrategy
-from .flora import FloraStrategy
-from .lora import LoraStrategy
+from ..config import STRATEGY_REGISTRY, ConfigError
 
-STRATEGIES: dict[str, type[FedLoraStrategy]] = {
-    cls.name: cls
-    for cls in (LoraStrategy, FfaLoraStrategy, FedExLoraStrategy, FloraStrategy, FedSaLoraStrategy, FedSvdStrategy)
-}
+STRATEGIES = STRATEGY_REGISTRY  # a read-only mapping: name -> FedLoraStrategy subclass
 
 
-def get_strategy(name: str) -> type[FedLoraStrategy]:
+def get_strategy(name: str) -> type:
     try:
         return STRATEGIES[name]
     except KeyError:
