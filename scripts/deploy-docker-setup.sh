@@ -4,7 +4,8 @@
 #
 #   scripts/deploy-docker-setup.sh single N [HOST...]   one host, N SuperNodes (docker/compose.yml)
 #   scripts/deploy-docker-setup.sh server HOST...       server host (docker/server.compose.yml);
-#                                                       HOST: every DNS name / IP clients use for it
+#                                                       HOST: every DNS name / IP clients and the
+#                                                       operator use for it
 #   scripts/deploy-docker-setup.sh client               one client host (docker/client.compose.yml)
 #
 # DIR (default docker/, or $FEDLORA_DOCKER_DIR) gets certs/, keys/, secrets/, data/.
@@ -21,7 +22,8 @@ secret() { [ -f "$1" ] || { mkdir -p "$(dirname "$1")"; (umask 077; openssl rand
 case "$mode" in
   single)
     n="${1:?usage: $0 single N [HOST...]}"; shift
-    "$here/make-certs.sh" -o "$dir/certs" -n superlink superlink localhost 127.0.0.1 "$@"
+    # superlink: the SuperLink and the proxies present it; superlink-fleet: what the SuperNodes dial.
+    "$here/make-certs.sh" -o "$dir/certs" -n superlink superlink superlink-fleet localhost 127.0.0.1 "$@"
     secret "$dir/secrets/superlink.secret"
     mkdir -p "$dir/data/server"
     for i in $(seq 1 "$n"); do
@@ -33,7 +35,9 @@ case "$mode" in
     ;;
   server)
     [ $# -gt 0 ] || { echo "usage: $0 server HOST..." >&2; exit 2; }
-    "$here/make-certs.sh" -o "$dir/certs" -n superlink superlink "$@"
+    # localhost/127.0.0.1: the operator's flwr CLI on this host or through an SSH tunnel
+    # (the Control API listens on 127.0.0.1:9093 unless CONTROL_API_BIND says otherwise).
+    "$here/make-certs.sh" -o "$dir/certs" -n superlink superlink superlink-fleet localhost 127.0.0.1 "$@"
     secret "$dir/secrets/superlink.secret"
     mkdir -p "$dir/data/server"
     ;;

@@ -4,12 +4,20 @@ its own IP address, connected by TLS, with SuperNode authentication (only
 registered public keys may join) and process isolation (separate SuperExec
 processes run the ServerApp and every node's ClientApp), driven by `flwr run`.
 
-The hosts are Linux network namespaces with veth links on a private bridge
-(which lives in a namespace of its own, so the machine's network is untouched).
+Control plane: Flower 1.42 serves the SuperLink's Fleet, Control and Runtime
+APIs on one port, without account authentication. So the SuperLink listens on
+its host's loopback only, and nginx on the SuperLink host (the project's
+docker/nginx templates) splits it: the client hosts' network reaches a listener
+that forwards only the Fleet API; the operator's network (a second bridge that
+only the operator and the SuperLink host are on) reaches a listener that
+forwards only the Control API, to the operator's address only. TLS on both legs.
+
+The hosts are Linux network namespaces with veth links on private bridges
+(which live in a namespace of their own, so the machine's network is untouched).
 Where namespaces cannot be created (not root, no iproute2, a sandbox), every
 process binds to its own loopback address (127.x.y.z) instead: the test says
-so loudly (a warning and the `network` property) and still checks everything.
-FEDLORA_TEST_NETWORK=loopback forces that mode.
+so loudly (a warning and the `network` property) and still checks everything
+that does not need separate networks. FEDLORA_TEST_NETWORK=loopback forces that mode.
 
 Every process started here carries a marker in its environment; teardown ends
 exactly those (and deletes the namespaces), also when a test fails.
@@ -19,6 +27,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import runpy
 import secrets
 import shutil
 import signal
@@ -38,6 +48,10 @@ NODES = ("node-1", "node-2", "node-3")
 NODE_SIZES = {"node-1": 90, "node-2": 120, "node-3": 150}  # distinct: shows whose data each reply used
 INTRUDER = "node-x"  # a SuperNode whose key the operator never registered
 HOSTS = ("operator", "superlink", *NODES, INTRUDER)
+REFUSED = "Refused by the SuperLink proxy"  # the proxy's answer on a listener that does not serve the API
+UNAVAILABLE = "Connection to the SuperLink is unavailable"  # the flwr CLI, when nothing answers
+PROXY_CONF = runpy.run_path(str(ROOT / "scripts" / "make-proxy-conf.py"))  # renders docker/nginx/*.template
+NGINX = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")  # sbin: not on a user's PATH
 CONNECTION = "deployment"  # the operator's name for this SuperLink in its Flower config
 MARKER = "FEDLORA_DEPLOY_TEST"
 
@@ -52,14 +66,21 @@ def _ip(*args: str) -> None:
 
 
 class Network:
-    """One IP address per host: namespaces on a bridge, or loopback addresses."""
+    """One IP address per host: namespaces on bridges, or loopback addresses.
+
+    Namespaces: the client network (10.77.0.0/24: SuperLink host, SuperNodes, intruder)
+    and the operator's network (10.78.0.0/24: operator, SuperLink host); the SuperLink
+    host is on both and routes nothing between them."""
 
     def __init__(self, tag: str) -> None:
         self.tag = tag
         self.mode = ""
-        self.addr: dict[str, str] = {}
+        self.addr: dict[str, str] = {}  # each host's address (the operator's on the operator network)
+        self.control_addr = ""  # the SuperLink host's address on the operator's network
+        self.internal = "127.0.0.1"  # where the SuperLink itself listens: its own host's loopback
         self.namespaces: list[str] = []
-        self.ports = (9093, 9094)  # SuperLink (all its APIs), a SuperNode's Runtime API
+        # The SuperLink (all its APIs), the proxy's Fleet and Control listeners, a SuperNode's Runtime API.
+        self.port = {"superlink": 9091, "fleet": 9092, "control": 9093, "runtime": 9094}
 
     def ns(self, host: str) -> str:
         return f"{self.tag}-{host}"[:15]
@@ -79,30 +100,43 @@ class Network:
         self.mode = "loopback"
         base = f"127.{100 + secrets.randbelow(150)}.{secrets.randbelow(250)}"
         self.addr = {h: f"{base}.{10 + i}" for i, h in enumerate(HOSTS)}
+        self.control_addr, self.internal = self.addr["superlink"], f"{base}.9"
         p = 20000 + secrets.randbelow(20000)
-        self.ports = (p, p + 1)
+        self.port = {k: p + i for i, k in enumerate(self.port)}
         msg = (f"NETWORK NAMESPACES NOT USED ({str(why).strip()[:200]}): every process runs on this host, "
                f"bound to its own loopback address ({base}.x), not on separate network hosts")
         print(f"\n!!! {msg}", file=sys.stderr)
-        warnings.warn(msg)
+        warnings.warn(msg, stacklevel=2)
 
     def _namespaces(self) -> None:
         bridge = self.ns("br")
         _ip("netns", "add", bridge)
         self.namespaces.append(bridge)
-        _ip("-n", bridge, "link", "add", "br0", "type", "bridge")
-        _ip("-n", bridge, "link", "set", "br0", "up")
+        for br in ("br0", "br1"):  # br0: the client network; br1: the operator's network
+            _ip("-n", bridge, "link", "add", br, "type", "bridge")
+            _ip("-n", bridge, "link", "set", br, "up")
+
+        def link(ns: str, dev: str, peer: str, br: str, addr: str) -> None:
+            _ip("link", "add", dev, "netns", ns, "type", "veth", "peer", "name", peer, "netns", bridge)
+            _ip("-n", bridge, "link", "set", peer, "master", br)
+            _ip("-n", bridge, "link", "set", peer, "up")
+            _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
+            _ip("-n", ns, "link", "set", dev, "up")
+
         for i, host in enumerate(HOSTS):
-            ns, port, addr = self.ns(host), f"v{i}", f"10.77.0.{10 + i}"
+            ns = self.ns(host)
             _ip("netns", "add", ns)
             self.namespaces.append(ns)
-            _ip("link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", port, "netns", bridge)
-            _ip("-n", bridge, "link", "set", port, "master", "br0")
-            _ip("-n", bridge, "link", "set", port, "up")
-            _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", "eth0")
-            _ip("-n", ns, "link", "set", "eth0", "up")
             _ip("-n", ns, "link", "set", "lo", "up")
-            self.addr[host] = addr
+            if host == "operator":  # on the operator's network only
+                self.addr[host] = f"10.78.0.{10 + i}"
+                link(ns, "eth0", f"v{i}", "br1", self.addr[host])
+                continue
+            self.addr[host] = f"10.77.0.{10 + i}"
+            link(ns, "eth0", f"v{i}", "br0", self.addr[host])
+            if host == "superlink":  # on both networks (forwarding is off in a new namespace)
+                self.control_addr = f"10.78.0.{10 + i}"
+                link(ns, "eth1", f"w{i}", "br1", self.control_addr)
 
     def prefix(self, host: str) -> list[str]:
         return ["ip", "netns", "exec", self.ns(host)] if self.mode == "namespaces" else []
@@ -157,10 +191,10 @@ class Processes:
         self.logs[name] = log
         return proc
 
-    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        """The operator's `flwr` CLI, on the operator's host."""
+    def cli(self, *args: str, timeout: float = 120, host: str = "operator") -> subprocess.CompletedProcess:
+        """The `flwr` CLI on a host: the operator's unless ``host`` says otherwise."""
         return subprocess.run(
-            [*self.net.prefix("operator"), str(BIN / "flwr"), *args], env=self.env("operator"), cwd=ROOT,
+            [*self.net.prefix(host), str(BIN / "flwr"), *args], env=self.env(host), cwd=ROOT,
             capture_output=True, text=True, timeout=timeout,
         )
 
@@ -193,6 +227,9 @@ class Processes:
                     os.kill(pid, sig)
                 except ProcessLookupError:
                     pass
+            for p in self.popens:  # also those that drop the marker (nginx rewrites its environment)
+                if p.poll() is None:
+                    p.send_signal(sig)
             end = time.time() + wait
             while time.time() < end and self.marked():
                 for p in self.popens:
@@ -249,33 +286,43 @@ class Federation:
         self.net.up()
         for host in HOSTS:
             self.home(host).mkdir(parents=True, exist_ok=True)
-        link, fleet = self.net.addr["superlink"], self.net.ports[0]
+        net, port = self.net, self.net.port
+        internal = f"{net.internal}:{port['superlink']}"
         self._make_credentials()
 
-        # Server host: SuperLink (TLS, SuperNode auth, ServerApps run by a separate SuperExec).
+        # Server host: SuperLink (TLS, SuperNode auth, ServerApps run by a separate SuperExec),
+        # listening on its host's loopback only: its one port serves every API.
         sl = self.home("superlink")
         (sl / "superexec.secret").write_bytes(secrets.token_bytes(32))
         self.procs.start("superlink", "superlink", [
-            str(BIN / "flower-superlink"), "--host", link, "--port", str(fleet),
+            str(BIN / "flower-superlink"), "--host", net.internal, "--port", str(port["superlink"]),
             "--ssl-ca-certfile", str(self.tls / "ca.crt"), "--ssl-certfile", str(self.tls / "superlink.crt"),
             "--ssl-keyfile", str(self.tls / "superlink.key"), "--enable-supernode-auth",
             "--isolation", "process", "--database", str(sl / "state.db"),
             "--superexec-auth-secret-file", str(sl / "superexec.secret"),
         ])
         self.procs.start("superexec-server", "superlink", [
-            str(BIN / "flower-superexec"), "--runtime-api-address", f"{link}:{fleet}",
+            str(BIN / "flower-superexec"), "--runtime-api-address", internal,
             "--root-certificates", str(self.tls / "ca.crt"), "--superexec-auth-secret-file", str(sl / "superexec.secret"),
         ])
+        # The proxy on the server host: the Fleet API on the client network, the Control API
+        # on the operator's network for the operator's address only (everyone shares one
+        # source address, 127.0.0.1, in loopback mode).
+        conf = PROXY_CONF["write"](sl / "proxy", {
+            "SUPERLINK_UPSTREAM": internal, "SUPERLINK_TLS_NAME": "superlink",
+            "FLEET_LISTEN": f"{net.addr['superlink']}:{port['fleet']}",
+            "CONTROL_LISTEN": f"{net.control_addr}:{port['control']}",
+            "CONTROL_ALLOW": net.addr["operator"] if net.mode == "namespaces" else "127.0.0.0/8",
+            "TLS_CERT": str(self.tls / "superlink.crt"), "TLS_KEY": str(self.tls / "superlink.key"),
+            "TLS_CA": str(self.tls / "ca.crt"),
+        }, foreground=True)
+        self.procs.start("proxy", "superlink", [NGINX, "-p", str(conf.parent), "-c", str(conf),
+                                                "-e", str(conf.parent / "error.log")])
 
-        # Operator: its Flower config names the SuperLink and trusts the deployment's CA.
-        op_home = self.home("operator") / "flwr-home"
-        op_home.mkdir(parents=True, exist_ok=True)
-        (op_home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "{link}:{fleet}"\nroot-certificates = "{self.tls / "ca.crt"}"\n'
-        )
+        # Operator: its Flower config names the SuperLink's Control listener and trusts the deployment's CA.
+        self.write_flwr_config("operator", {CONNECTION: f"{net.control_addr}:{port['control']}"})
         _wait("the SuperLink's Control API", lambda: bool(_json(self.procs.cli("supernode", "ls", CONNECTION, "--format", "json").stdout)),
-              60, lambda: self.procs.tail("superlink"))
+              60, lambda: self.procs.tail("superlink") + "\n" + self.procs.tail("proxy") + (sl / "proxy" / "error.log").read_text()[-2000:])
 
         # Register the three SuperNodes' public keys (not the intruder's).
         for name in NODES:
@@ -288,19 +335,32 @@ class Federation:
         _wait("three SuperNodes online", lambda: self.online() == set(self.node_ids.values()), 90,
               lambda: "\n".join(self.procs.tail(n) for n in ("superlink", *NODES)))
 
+    def write_flwr_config(self, host: str, connections: dict[str, str]) -> None:
+        """A host's Flower config: SuperLink connections by name, all trusting the deployment's CA."""
+        home = self.home(host) / "flwr-home"
+        home.mkdir(parents=True, exist_ok=True)
+        text = f'[superlink]\ndefault = "{next(iter(connections))}"\n'
+        for name, address in connections.items():
+            text += f'\n[superlink.{name}]\naddress = "{address}"\nroot-certificates = "{self.tls / "ca.crt"}"\n'
+        (home / "config.toml").write_text(text)
+
     def _make_credentials(self) -> None:
-        """CA and certificates for every TLS server (the SuperLink, each SuperNode's
-        Runtime API), and an auth key pair per SuperNode, by the project's scripts."""
+        """CA and certificates for every TLS server (the SuperLink and its proxy, each
+        SuperNode's Runtime API), and an auth key pair per SuperNode, by the project's scripts."""
         env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
         run = lambda *a: subprocess.run(a, check=True, capture_output=True, text=True, env=env, timeout=60)  # noqa: E731
-        run(str(ROOT / "scripts" / "make-certs.sh"), "-o", str(self.tls), "-n", "superlink", self.net.addr["superlink"], "superlink")
+        # One certificate for the SuperLink and the proxy: every address clients, the operator
+        # and the server-side SuperExec use, and the name the proxy checks ("superlink").
+        net = self.net
+        run(str(ROOT / "scripts" / "make-certs.sh"), "-o", str(self.tls), "-n", "superlink", net.addr["superlink"],
+            *sorted({net.control_addr, net.internal} - {net.addr["superlink"]}), "superlink")
         for name in (*NODES, INTRUDER):
             run(str(ROOT / "scripts" / "make-certs.sh"), "-o", str(self.tls), "-n", name, self.net.addr[name])
             run(str(ROOT / "scripts" / "make-node-keys.sh"), "-o", str(self.home(name) / "keys"), name)
 
     def node_argv(self, name: str, with_key: bool = True) -> list[str]:
         home, addr = self.home(name), self.net.addr[name]
-        fleet, runtime = self.net.ports
+        fleet, runtime = self.net.port["fleet"], self.net.port["runtime"]
         data = home / "data" / "train.jsonl"
         if not data.exists():  # the node's own private data, on its own host
             write_jsonl(data, make_rows(NODE_SIZES.get(name, 60), seed=sum(map(ord, name))))
@@ -324,7 +384,7 @@ class Federation:
             (home / "superexec.secret").write_bytes(secrets.token_bytes(32))
         proc = self.procs.start(name, name, self.node_argv(name))
         self.procs.start(f"superexec-{name}", name, [
-            str(BIN / "flower-superexec"), "--runtime-api-address", f"{self.net.addr[name]}:{self.net.ports[1]}",
+            str(BIN / "flower-superexec"), "--runtime-api-address", f"{self.net.addr[name]}:{self.net.port['runtime']}",
             "--root-certificates", str(self.tls / "ca.crt"), "--superexec-auth-secret-file", str(home / "superexec.secret"),
         ])
         return proc
@@ -332,6 +392,12 @@ class Federation:
     def nodes(self) -> list[dict]:
         out = self.procs.cli("supernode", "ls", CONNECTION, "--format", "json")
         return _json(out.stdout).get("nodes", [])
+
+    def runs(self) -> set[str]:
+        """Every run the SuperLink knows, as the operator sees it."""
+        doc = _json(self.procs.cli("ls", CONNECTION, "--format", "json").stdout)
+        assert doc, "the operator cannot list runs"
+        return {str(r["run-id"]) for r in doc["runs"]}
 
     def online(self) -> set[int]:
         return {int(n["node-id"]) for n in self.nodes() if n["status"] == "online"}
@@ -345,9 +411,9 @@ class Federation:
         pairs = [
             f'model="{self.model}"', f'dataset="{eval_dir}"', f'output-dir="{server / "outputs"}"', f'run-name="{name}"',
             'strategy="ffa-lora"', "dp.epsilon=3.0", f"num-server-rounds={rounds}", "local-steps=2", "batch-size=16",
-            # The server waits for 2 connected nodes before a round (Flower's min_available_nodes)
-            # and samples all connected ones; a round needs 2 training nodes and updates with >= 1 reply.
-            "num-partitions=2", "min-train-nodes=2", "min-replies=1", *extra,
+            # The server trains once 2 nodes are connected and samples all connected ones;
+            # a round needs 2 training nodes and updates the adapter with >= 1 reply.
+            "min-train-nodes=2", "min-replies=1", *extra,
         ]
         args = ["run", str(ROOT), CONNECTION, "--format", "json"]
         for kv in pairs:
@@ -387,6 +453,10 @@ class Federation:
 def federation(tmp_path_factory, tiny_model_dir):
     for tool in ("openssl", "ssh-keygen"):
         assert shutil.which(tool), f"{tool} is needed to make the deployment's TLS certificates and node keys"
+    if not NGINX:  # the proxy that keeps the Control API away from client hosts
+        if os.environ.get("CI"):
+            pytest.fail("CI must install nginx (see .ci/run)")
+        pytest.skip("nginx is not installed (apt-get install nginx)")
     fed = Federation(tmp_path_factory.mktemp("deployment"), tiny_model_dir)
     try:
         fed.up()
@@ -421,6 +491,110 @@ def test_run_over_tls_with_node_auth_uses_every_nodes_own_data(federation, recor
     assert run_id in {str(r["run-id"]) for r in listed}
     log = fed.procs.cli("log", run_id, CONNECTION, "--show", timeout=60)
     assert "round 2/2" in log.stdout and "3/3 clients" in log.stdout, log.stdout[-3000:]
+
+
+ROGUE_APP = {  # what an organisation might submit: any code, run next to every node's data
+    "pyproject.toml": """[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "rogue"
+version = "1.0.0"
+description = "reads other organisations' data"
+license = "Apache-2.0"
+dependencies = ["flwr"]
+
+[tool.flwr.app]
+publisher = "node-1"
+
+[tool.flwr.app.components]
+serverapp = "rogue:server"
+clientapp = "rogue:client"
+
+[tool.flwr.app.config]
+""",
+    "rogue.py": "from flwr.clientapp import ClientApp\nfrom flwr.serverapp import ServerApp\n\nserver = ServerApp()\nclient = ClientApp()\n",
+}
+
+# Raw calls from a client host to the proxy's Fleet listener: status and the start of the body, per path.
+PROBE = """
+import json, sys, httpx
+base, ca, paths = sys.argv[1], sys.argv[2], sys.argv[3:]
+with httpx.Client(verify=ca, timeout=30) as c:
+    out = {p: c.post(base + p, content=b"", headers={"content-type": "application/protobuf"}) for p in paths}
+print(json.dumps({p: [r.status_code, r.text[:300]] for p, r in out.items()}))
+"""
+
+
+def test_client_hosts_cannot_start_runs_or_register_nodes(federation, record_property):
+    """An organisation's host reaches the SuperLink's Fleet API (its SuperNode needs it) and
+    nothing else: `flwr run` and `flwr supernode register` fail on every way in it has,
+    and the SuperLink's runs and nodes stay as they were; the operator is unaffected."""
+    fed = federation
+    record_property("network", fed.net.mode)
+    net, port = fed.net, fed.net.port
+    org = "node-1"  # a registered organisation, holding the federation's CA, on the client network
+    runs, nodes = fed.runs(), {int(n["node-id"]) for n in fed.nodes()}
+    assert nodes == set(fed.node_ids.values())
+
+    def control_calls(*calls: str) -> list[int]:  # the SuperLink's access log (uvicorn): a line per request
+        log = fed.procs.logs["superlink"].read_text(errors="replace")
+        return [log.count(f'"POST /v1/control/{c} ') for c in calls]
+
+    assert control_calls("list-nodes")[0] > 0, "the SuperLink's access log does not show requests"
+    before = control_calls("start-run", "register-node")
+
+    # Its ways in: the address its SuperNode uses (the proxy's Fleet listener), the SuperLink's
+    # own port on that host, and the operator's Control listener (on another network).
+    ways = {"fleet": (f"{net.addr['superlink']}:{port['fleet']}", REFUSED),
+            "direct": (f"{net.addr['superlink']}:{port['superlink']}", UNAVAILABLE)}
+    if net.mode == "namespaces":  # in loopback mode every address is reachable by every process
+        ways["control"] = (f"{net.control_addr}:{port['control']}", UNAVAILABLE)
+    fed.write_flwr_config(org, {name: addr for name, (addr, _) in ways.items()})
+    app = fed.home(org) / "rogue-app"
+    for name, text in ROGUE_APP.items():
+        (app / name).parent.mkdir(parents=True, exist_ok=True)
+        (app / name).write_text(text)
+    key = str(fed.home(INTRUDER) / "keys" / f"{INTRUDER}.pub")  # a key of its own making
+
+    def refused(connection: str, expect: str) -> None:
+        for args in (("supernode", "register", key, connection), ("run", str(app), connection)):
+            out = fed.procs.cli(*args, host=org)
+            said = " ".join(re.sub(r"[│╭╮╰╯─]", " ", out.stdout + out.stderr).split())  # the CLI's error box, unwrapped
+            assert out.returncode != 0 and expect in said, (
+                f"`flwr {args[0]}` from {org} via {connection}: exit {out.returncode}\n{out.stdout[-1500:]}\n{out.stderr[-1500:]}")
+
+    for connection, (_, expect) in ways.items():
+        refused(connection, expect)
+    if net.mode == "namespaces":
+        # Even routed through the SuperLink host (which accepts packets for any of its addresses),
+        # the Control listener serves the operator's address only.
+        route = [*net.prefix(org), "ip", "route"]
+        subprocess.run([*route, "add", f"{net.control_addr.rsplit('.', 1)[0]}.0/24", "via", net.addr["superlink"]],
+                       check=True, capture_output=True, timeout=30)
+        try:
+            refused("control", "the Control API is for the federation operator only")
+        finally:
+            subprocess.run([*route, "del", f"{net.control_addr.rsplit('.', 1)[0]}.0/24"], capture_output=True, timeout=30)
+
+    # On the Fleet listener only plain Fleet calls pass (the SuperLink then wants a registered
+    # node's signature: 401); the Control and Runtime APIs, /docs and path tricks are refused.
+    fleet_call, others = "/v1/fleet/get-run", [
+        "/v1/control/start-run", "/v1/control/register-node", "/v1/control/list-runs", "/v1/runtime/acquire-task",
+        "/v1/fleet/..%2Fcontrol/list-runs", "/v1/fleet/%2e%2e/control/list-runs", "/v1/fleet/get-run?x=1", "/docs"]
+    out = subprocess.run([*net.prefix(org), sys.executable, "-c", PROBE, f"https://{ways['fleet'][0]}", str(fed.tls / "ca.crt"),
+                          fleet_call, *others], env=fed.procs.env(org), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout)
+    assert got[fleet_call][0] == 401 and REFUSED not in got[fleet_call][1], got[fleet_call]
+    for path in others:
+        assert got[path][0] == 403 and REFUSED in got[path][1], (path, got[path])
+
+    # Nothing changed on the SuperLink (no such call even reached it), and the operator still drives it.
+    assert fed.runs() == runs
+    assert {int(n["node-id"]) for n in fed.nodes()} == nodes
+    assert control_calls("start-run", "register-node") == before, "a refused call reached the SuperLink"
 
 
 def test_unregistered_node_cannot_join(federation, record_property):
