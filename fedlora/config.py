@@ -43,9 +43,17 @@ DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 class ConfigError(ValueError):
     """A run-config key has a value the app cannot use."""
 
+    source = "run config"
+
     def __init__(self, key: str, value: Any, reason: str) -> None:
         self.key, self.value, self.reason = key, value, reason
-        super().__init__(f"run config '{key}' = {value!r}: {reason}")
+        super().__init__(f"{self.source} '{key}' = {value!r}: {reason}")
+
+
+class NodeConfigError(ConfigError):
+    """A node-config key (a SuperNode's own setting) has a value the node cannot use."""
+
+    source = "node config"
 
 
 # -- choices -------------------------------------------------------------------
@@ -475,7 +483,7 @@ DEFAULTS: dict[str, Any] = {key: opt.flower_default for key, opt in OPTIONS.item
 
 
 def _get(cfg: Mapping[str, Any], key: str) -> Any:
-    return cfg[key] if key in cfg else DEFAULTS[key]
+    return cfg[key] if key in cfg else DEFAULTS[key] if key in DEFAULTS else NODE_DEFAULTS[key]
 
 
 def _int(cfg: Mapping[str, Any], opt: Option) -> int:
@@ -533,7 +541,7 @@ def _bool(cfg: Mapping[str, Any], opt: Option) -> bool:
 def _names(cfg: Mapping[str, Any], opt: Option) -> tuple[str, ...]:
     """A comma-separated list (Flower config values cannot be lists) of at least one name."""
     names = tuple(n.strip() for n in _str(cfg, opt).split(",") if n.strip())
-    if not names:
+    if not names and opt.default != ():  # an empty default: the list may be empty
         raise ConfigError(opt.key, _get(cfg, opt.key), "must name at least one entry")
     return names
 
@@ -624,23 +632,109 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
 
 
 def cache_dir(run: RunConfig) -> str:
-    """Where a node keeps what must survive between ClientApp processes."""
-    return run.cache_dir or os.environ.get("FEDLORA_CACHE_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "fedlora"
+    """Where a simulated node keeps what must survive between ClientApp processes
+    (a node with its own data uses its own ``state-dir``: see ``node_state_dir``)."""
+    return run.cache_dir or default_state_dir()
+
+
+def default_state_dir() -> str:
+    return os.environ.get("FEDLORA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "fedlora")
+
+
+# -- node config: each SuperNode's own settings ----------------------------------
+
+
+@dataclass(frozen=True)
+class PrivacyPolicy:
+    """The data owner's privacy policy. The run config's privacy settings are the
+    server's requests; this decides. It binds every node that brings its own data
+    (`data-path`), and a simulated node that sets any `privacy.*` key."""
+
+    title: ClassVar[str] = "Node privacy policy"
+
+    allow_non_private: bool = option(
+        "privacy.allow-non-private", False, "whether this node trains a run without sample-level DP (`dp.epsilon = 0`)",
+    )
+    max_epsilon: float = option("privacy.max-epsilon", 8.0, "the largest `dp.epsilon` a run may ask of this node", gt=0)
+    max_delta: float = option(
+        "privacy.max-delta", 1e-5, "the largest `dp.delta` a run may ask; also the delta of the lifetime budget", gt=0, le=0.1,
+    )
+    lifetime_epsilon: float = option(
+        "privacy.lifetime-epsilon", 0.0,
+        "one budget per data source across all runs (their accountant histories composed, at "
+        "`privacy.max-delta`): a run whose whole plan would go past it is refused; 0 = no cap (spending is still "
+        "recorded: `fedlora budget`)",
+        ge=0,
+    )
+    allow_client_eval: bool = option(
+        "privacy.allow-client-eval", False,
+        "whether this node answers evaluate messages (its metrics on its held-out split are released without DP)",
+    )
+    max_eval_queries: int = option("privacy.max-eval-queries", 10, "evaluate messages this node answers per run", ge=0)
+    allowed_models: tuple[str, ...] = option(
+        "privacy.allowed-models", (), "the `model` values a run may use on this node, comma-separated; empty = any",
     )
 
 
-# -- docs/CONFIGURATION.md ------------------------------------------------------
+@dataclass(frozen=True)
+class NodeConfig:
+    """Each SuperNode's own settings: `--node-config` of `flower-supernode`, or what
+    Flower's simulation gives every simulated node (`partition-id`, `num-partitions`).
+    A node needs `data-path` (deployment) or `partition-id` with `num-partitions`
+    (simulation). An unknown key is an error at the node's first message."""
 
-# Read by fedlora/node.py from each SuperNode's node config, not from the run config.
-NODE_CONFIG_DOC = (
-    ("partition-id", "int", ("simulation: this node's partition of the training split, 0..`num-partitions`−1 "
-                             "(Flower's simulation sets it); also its entry of `lora.client-ranks`")),
-    ("num-partitions", "int", ("simulation: how many partitions the training split is divided into "
-                               "(Flower's simulation sets it to the number of simulated nodes)")),
-    ("data-path", "string", "deployment: the node's own data, a file or directory, trained on whole (no partitioning)"),
-    ("lora-rank", "int", "deployment: this node's LoRA rank, 1..`lora.r` (default `lora.r`)"),
-)
+    title: ClassVar[str] = "Node config"
+
+    partition_id: int = option(
+        "partition-id", -1, "simulation: this node's partition of the training split, 0..`num-partitions`−1 "
+        "(Flower's simulation sets it); also its entry of `lora.client-ranks`; -1 = none", ge=-1,
+    )
+    num_partitions: int = option(
+        "num-partitions", 0, "simulation: how many partitions the training split is divided into "
+        "(Flower's simulation sets it to the number of simulated nodes); 0 = none", ge=0,
+    )
+    data_path: str = option(
+        "data-path", "", "deployment: the node's own data, a file or directory, trained on whole (no partitioning)",
+    )
+    lora_rank: int = option("lora-rank", 0, "deployment: this node's LoRA rank, 1..`lora.r`; 0 = `lora.r`", ge=0)
+    state_dir: str = option(
+        "state-dir", "",
+        "where a node with its own data keeps its token cache, privacy ledgers and state (owner-only files); "
+        "the server's `cache-dir` does not apply to it; empty = `$FEDLORA_CACHE_DIR` or `~/.cache/fedlora`",
+    )
+    privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
+
+    @property
+    def private(self) -> bool:
+        """The node brings its own data: DP noise from the OS, and its policy binds."""
+        return bool(self.data_path)
+
+
+NODE_GROUPS: tuple[type, ...] = (NodeConfig, PrivacyPolicy)
+_NODE_DECLARED = tuple(_collect(NodeConfig))
+NODE_OPTIONS: dict[str, Option] = {opt.key: opt for _, opt in _NODE_DECLARED}
+NODE_DEFAULTS: dict[str, Any] = {key: opt.flower_default for key, opt in NODE_OPTIONS.items()}
+
+
+def parse_node_config(cfg: Mapping[str, Any]) -> NodeConfig:
+    """Validate a node's Flower node config: an unknown key (a typo in a policy
+    key must not silently void the policy) or a bad value is a ``ConfigError``."""
+    unknown = sorted(set(cfg) - set(NODE_DEFAULTS))
+    if unknown:
+        raise NodeConfigError(unknown[0], cfg[unknown[0]], f"unknown key; known keys: {', '.join(NODE_DEFAULTS)}")
+    try:
+        values = {opt.path: _read(cfg, opt) for opt in NODE_OPTIONS.values()}
+    except ConfigError as e:
+        raise NodeConfigError(e.key, e.value, e.reason) from None
+    return _build(NodeConfig, values)
+
+
+def policy_binds(node: NodeConfig, cfg: Mapping[str, Any]) -> bool:
+    """Whether the privacy policy applies: always with own data; in simulation only where set."""
+    return node.private or any(k.startswith("privacy.") for k in cfg)
+
+
+# -- docs/CONFIGURATION.md ------------------------------------------------------
 
 _TYPE_NAMES = {
     bool: "bool", int: "int", float: "float", str: "string", tuple[str, ...]: "list", tuple[int, ...]: "list of int",
@@ -671,7 +765,7 @@ def _allowed(opt: Option) -> str:
         parts.append(", ".join(f"`{m.value}`" for m in get_args(t)[0]) + " (any of), or `none`")
     elif opt.choices is not None:
         parts.append(", ".join(f"`{c}`" for c in opt.choices))
-    elif t == tuple[str, ...]:
+    elif t == tuple[str, ...] and opt.default != ():
         parts.append("at least one")
     bounds = [f"{op} {b}" for op, b in (("≥", opt.ge), (">", opt.gt), ("≤", opt.le)) if b is not None]
     if bounds:
@@ -723,18 +817,15 @@ def markdown() -> str:
             if cls is group:
                 default = f"`{_toml(opt.flower_default)}`"
                 lines.append(_row(f"`{opt.key}`", _type_name(opt.type), default, _allowed(opt), opt.help))
-    lines += [
-        "",
-        "## Node config (per SuperNode, read by `fedlora/node.py`)",
-        "",
-        "Not run config: each node's own settings, from `--node-config` of `flower-supernode`, or from",
-        "Flower's simulation, which gives every simulated node its `partition-id` and `num-partitions`.",
-        "A node needs `data-path` (deployment) or `partition-id` with `num-partitions` (simulation).",
-        "",
-        _row("key", "type", "meaning"),
-        _row(*["---"] * 3),
-        *(_row(f"`{key}`", type_name, meaning) for key, type_name, meaning in NODE_CONFIG_DOC),
-    ]
+    for group in NODE_GROUPS:
+        about = " ".join(group.__doc__.split())
+        lines += ["", f"## {group.title}", "", f"{about} Not run config: set per SuperNode "
+                  "(`flower-supernode --node-config 'key=value ...'`).", "",
+                  _row("key", "type", "default", "allowed", "meaning"), _row(*["---"] * 5)]
+        for cls, opt in _NODE_DECLARED:
+            if cls is group:
+                default = f"`{_toml(opt.flower_default)}`"
+                lines.append(_row(f"`{opt.key}`", _type_name(opt.type), default, _allowed(opt), opt.help))
     return "\n".join(lines) + "\n"
 
 

@@ -340,7 +340,7 @@ def encode(ds: datasets.Dataset, tokenizer, text_columns, max_length: int, cache
     out = _encode(ds, tokenizer, text_columns, max_length)
     buf = io.BytesIO()
     torch.save(out.tensors, buf)
-    write_atomic(path, buf.getvalue())  # concurrent nodes never see half a file
+    write_atomic(path, buf.getvalue(), 0o600)  # owner-only (it can be turned back into the text); never half a file
     return out
 
 

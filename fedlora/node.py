@@ -11,6 +11,7 @@ node's ``NodeStore`` (and the ledger also in its Flower state).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -27,10 +28,10 @@ from flwr.app import ArrayRecord
 from torch import nn
 
 from . import data as data_mod
-from . import privacy, training, wire
-from .config import ConfigError, RunConfig, cache_dir
+from . import policy, privacy, training, wire
+from .config import ConfigError, NodeConfig, RunConfig, cache_dir, default_state_dir, parse_node_config, policy_binds
 from .model import build_model, load_tokenizer
-from .node_store import NodeStore, arrays_digest
+from .node_store import NodeStore, SourceLedger, arrays_digest, private_dir
 
 log = logging.getLogger("fedlora")
 
@@ -182,7 +183,7 @@ def _build_node_data(run: RunConfig, node_config: dict, label_names: tuple[str, 
     d = run.data
     cache_key += f"|{d.label_column}|{label_names}|{d.train_split}|{d.eval_split}"
     tok = load_tokenizer(run.model)
-    cdir = cache_dir(run)
+    cdir = node_state_dir(run, node_config)
     train_enc = data_mod.encode(ds, tok, text_columns, run.data.max_length, cache_key + "|train", cdir)
     eval_enc = data_mod.encode(eval_ds, tok, text_columns, run.data.max_length, cache_key + "|eval", cdir) if eval_ds is not None else None
     return train_enc, eval_enc, stream, private
@@ -297,6 +298,15 @@ def check_ledger(ledger: privacy.PrivacyLedger, planned: privacy.PrivacyLedger) 
         )
 
 
+def node_state_dir(run: RunConfig, node_config: dict) -> str:
+    """Where this node keeps its token cache and state. A node with its own data
+    uses its own ``state-dir`` (owner-only): the server's ``cache-dir`` does not
+    apply to it. A simulated node uses the run's ``cache-dir``."""
+    if node_config.get("data-path"):
+        return private_dir(str(node_config.get("state-dir") or default_state_dir()))
+    return cache_dir(run)
+
+
 def node_key(node_config: dict, node_id: int) -> str:
     """This node's identity across restarts: keys its ledger and personal state."""
     return str(node_config.get("partition-id", node_config.get("data-path", node_id)))
@@ -311,16 +321,23 @@ class NodeTask:
     store: NodeStore
     exchange: wire.Exchange
     server_round: int
+    node: NodeConfig  # this node's own settings and privacy policy
+    node_config: dict  # as given (which policy keys were set)
     name: str = ""  # for log lines
 
     @classmethod
     def open(cls, run: RunConfig, node_config: dict, node_id: int, config: dict, method) -> NodeTask:
         """The task a message asks for. ``config`` is what the server sent with it;
-        ``method`` the strategy class it names (its exchange and rank handling)."""
+        ``method`` the strategy class it names (its exchange and rank handling).
+        The node's own config is checked first, then its privacy policy against
+        the run, before any data is read."""
+        node = parse_node_config(node_config)
+        policy.check_run(run, node, node_config)
         rt = get_runtime(run, node_config, tuple(config["label-names"]), method.train_lora_a, method.mixed_ranks)
         check_fingerprint(rt, str(config[wire.FINGERPRINT_KEY]), method.exchange)
-        store = NodeStore(cache_dir(run), str(config["run-key"]), node_key(node_config, node_id))
-        return cls(rt, store, method.exchange, int(config["server-round"]), str(node_config.get("partition-id", node_id)))
+        store = NodeStore(node_state_dir(run, node_config), str(config["run-key"]), node_key(node_config, node_id))
+        name = str(node_config.get("partition-id", node_id))
+        return cls(rt, store, method.exchange, int(config["server-round"]), node, dict(node_config), name)
 
     @property
     def has_personal(self) -> bool:
@@ -353,7 +370,9 @@ class NodeTask:
         """The run's ledger for this node, checked and charged on disk for this
         round's steps BEFORE training (write-ahead), under the ledger's lock."""
         steps = self.rt.run.train.local_steps
-        with self.store.ledger_lock():
+        # A node with its own data also charges its data source, across runs (lifetime budget).
+        source = SourceLedger(self.store.root, os.path.realpath(self.node.data_path)) if self.node.private else None
+        with source.lock() if source else contextlib.nullcontext(), self.store.ledger_lock():
             planned = plan_ledger(self.rt)
             # Keyed by the run (survives a resumed run) and this node's identity.
             ledger = self.store.load_ledger(ledger_in_state)
@@ -361,13 +380,20 @@ class NodeTask:
                 ledger = planned
             else:
                 check_ledger(ledger, planned)
+            if source:
+                policy.check_lifetime(self.node, source.other_runs(self.store.run_key), planned)
             ledger.check(steps)
             ahead = privacy.PrivacyLedger.from_json(ledger.to_json())
             ahead.record(steps)
             self.store.save_ledger(ahead)
+            if source:
+                source.record(self.store.run_key, ahead.history)
         return ledger  # train_round checks and records the same steps in memory
 
     def evaluate(self, arrays: ArrayRecord) -> dict[str, Any]:
         """The global model (with this node's personal tensors) on the node's held-out split."""
+        if policy_binds(self.node, self.node_config):
+            policy.check_eval(self.node, self.node_config, 0)  # allowed at all?
+            policy.check_eval(self.node, self.node_config, self.store.count_eval())
         personal = self.store.load_personal(self.server_round) if self.has_personal else None
         return evaluate_round(self.rt, arrays, exchange=self.exchange, personal=personal)

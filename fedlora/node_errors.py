@@ -8,14 +8,17 @@ values included, go to the node's own log (see ``client_app``).
 
 from __future__ import annotations
 
-from .config import DEFAULTS, ConfigError
+from .config import DEFAULTS, NODE_DEFAULTS, ConfigError, NodeConfigError
+from .policy import PolicyRefusal
 from .privacy import BudgetExhausted
 from .wire import PayloadError
 
 MESSAGES = {
+    "E_POLICY": "the run asks for more than this node's privacy policy allows",
     "E_BUDGET": "privacy budget exhausted: the node will not train further in this run",
     "E_LEDGER": "this node's stored privacy ledger does not match the run's privacy settings",
     "E_FINGERPRINT": "this node's shared frozen tensors differ from the run's (seed, model, lora.* settings or library versions)",
+    "E_NODE_CONFIG": "this node's own node config is invalid; its operator must fix it",
     "E_CONFIG": "the run config cannot be used with this node's model or data",
     "E_PAYLOAD": "the arrays the server sent do not fit this node's model",
     "E_INTERNAL": "the node failed",
@@ -39,6 +42,8 @@ def classify(exc: BaseException) -> NodeError:
 
     if isinstance(exc, NodeError):
         return exc
+    if isinstance(exc, PolicyRefusal):
+        return NodeError("E_POLICY", exc.key)
     if isinstance(exc, BudgetExhausted):
         return NodeError("E_BUDGET")
     if isinstance(exc, LedgerMismatch):
@@ -47,6 +52,8 @@ def classify(exc: BaseException) -> NodeError:
         return NodeError("E_FINGERPRINT")
     if isinstance(exc, PayloadError):
         return NodeError("E_PAYLOAD")
+    if isinstance(exc, NodeConfigError):  # the node's own setting: its operator reads the log
+        return NodeError("E_NODE_CONFIG", exc.key if exc.key in NODE_DEFAULTS else "")
     if isinstance(exc, ConfigError):
         key = exc.key if exc.key in DEFAULTS or exc.key in NODE_KEYS else ""
         return NodeError("E_CONFIG", key)

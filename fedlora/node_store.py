@@ -7,6 +7,11 @@ may start a fresh one) lives under the node's state directory
     <state-dir>/ledgers/<id>.json        the privacy ledger (DP steps spent)
     <state-dir>/replies/<id>.npz         the last update sent (to replay a repeated round)
     <state-dir>/personal/<id>/<N>.npz    personal tensors after round N (FedSA-LoRA's B)
+    <state-dir>/evals/<id>.json          evaluate messages answered in the run
+    <state-dir>/sources/<sha(source)>.json   every run's DP steps on one data source (lifetime budget)
+
+Files are owner-only (0600), the state directory too (0700): the token cache
+and the ledgers describe private data.
 """
 
 from __future__ import annotations
@@ -26,6 +31,26 @@ from . import privacy
 from .files import write_atomic, write_npz_atomic
 
 _REPLY_META = "__fedlora_reply__"
+FILE_MODE, DIR_MODE = 0o600, 0o700
+
+
+def private_dir(path: str) -> str:
+    """``path``, created if needed and made owner-only."""
+    os.makedirs(path, mode=DIR_MODE, exist_ok=True)
+    os.chmod(path, DIR_MODE)
+    return path
+
+
+@contextlib.contextmanager
+def locked(path: str) -> Iterator[None]:
+    """An exclusive lock on ``path`` + ``.lock`` across processes (flock)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def arrays_digest(arrays: ArrayRecord) -> str:
@@ -43,10 +68,12 @@ class NodeStore:
 
     def __init__(self, root: str, run_key: str, node_key: str) -> None:
         self.root = root
+        self.run_key = run_key
         self.id = hashlib.sha256(f"{run_key}/{node_key}".encode()).hexdigest()[:32]
         self.ledger_path = os.path.join(root, "ledgers", f"{self.id}.json")
         self.reply_path = os.path.join(root, "replies", f"{self.id}.npz")
         self.personal_dir = os.path.join(root, "personal", self.id)
+        self.eval_path = os.path.join(root, "evals", f"{self.id}.json")
 
     # -- privacy ledger ---------------------------------------------------------------
 
@@ -62,26 +89,29 @@ class NodeStore:
         return max(found, key=lambda ledger: ledger.steps_spent, default=None)
 
     def save_ledger(self, ledger: privacy.PrivacyLedger) -> None:
-        write_atomic(self.ledger_path, ledger.to_json())  # a crash leaves the old ledger or the new one
+        write_atomic(self.ledger_path, ledger.to_json(), FILE_MODE)  # a crash leaves the old ledger or the new one
 
-    @contextlib.contextmanager
-    def ledger_lock(self) -> Iterator[None]:
+    def ledger_lock(self) -> contextlib.AbstractContextManager[None]:
         """Held across a ledger's check and its record: two train messages for
         the same node and run (two processes) cannot both pass the check."""
-        os.makedirs(os.path.dirname(self.ledger_path), exist_ok=True)
-        with open(self.ledger_path + ".lock", "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        return locked(self.ledger_path)
+
+    # -- evaluation queries -----------------------------------------------------------
+
+    def count_eval(self) -> int:
+        """Evaluate messages answered before this one in the run; this one is counted
+        (before it is answered: a crash never under-counts)."""
+        with locked(self.eval_path):
+            done = json.loads(open(self.eval_path).read())["answered"] if os.path.exists(self.eval_path) else 0
+            write_atomic(self.eval_path, json.dumps({"answered": done + 1}), FILE_MODE)
+        return done
 
     # -- the last reply ---------------------------------------------------------------
 
     def save_reply(self, server_round: int, digest: str, arrays: ArrayRecord, metrics: dict[str, Any]) -> None:
         """Atomically keep the update just sent for ``server_round`` (given the global ``digest``)."""
         meta = json.dumps({"round": server_round, "digest": digest, "metrics": metrics}).encode()
-        write_npz_atomic(self.reply_path, {**{k: v.numpy() for k, v in arrays.items()}, _REPLY_META: np.frombuffer(meta, np.uint8)})
+        write_npz_atomic(self.reply_path, {**{k: v.numpy() for k, v in arrays.items()}, _REPLY_META: np.frombuffer(meta, np.uint8)}, FILE_MODE)
 
     def load_reply(self, server_round: int, digest: str) -> tuple[ArrayRecord, dict[str, Any]] | None:
         """The update already sent for this round and this global model, if any.
@@ -114,7 +144,46 @@ class NodeStore:
     def save_personal(self, server_round: int, arrays: ArrayRecord) -> None:
         """Atomically save this round's personal tensors; keep the previous round's (a resume may repeat this round)."""
         d = self.personal_dir
-        write_npz_atomic(os.path.join(d, f"{server_round}.npz"), {k: v.numpy() for k, v in arrays.items()})
+        write_npz_atomic(os.path.join(d, f"{server_round}.npz"), {k: v.numpy() for k, v in arrays.items()}, FILE_MODE)
         for name in os.listdir(d):
             if name.endswith(".npz") and int(name[:-4]) < server_round - 1:
                 os.remove(os.path.join(d, name))
+
+
+class SourceLedger:
+    """Every run's DP steps on one data source, for the node's lifetime budget:
+    ``{"source": ..., "runs": {run-key: [[noise multiplier, sample rate, steps], ...]}}``."""
+
+    def __init__(self, root: str, source: str) -> None:
+        self.source = source
+        self.path = os.path.join(root, "sources", hashlib.sha256(source.encode()).hexdigest()[:32] + ".json")
+
+    def lock(self) -> contextlib.AbstractContextManager[None]:
+        return locked(self.path)
+
+    def runs(self) -> dict[str, list[tuple[float, float, int]]]:
+        if not os.path.exists(self.path):
+            return {}
+        with open(self.path) as f:
+            return {k: [tuple(h) for h in v] for k, v in json.load(f)["runs"].items()}
+
+    def other_runs(self, run_key: str) -> list[tuple[float, float, int]]:
+        """The composed history of every run but ``run_key``."""
+        return [h for key, history in self.runs().items() if key != run_key for h in history]
+
+    def record(self, run_key: str, history: list[tuple[float, float, int]]) -> None:
+        runs = self.runs()
+        runs[run_key] = [list(h) for h in history]
+        write_atomic(self.path, json.dumps({"source": self.source, "runs": runs}), FILE_MODE)
+
+
+def source_ledgers(root: str) -> list[tuple[str, dict[str, list[tuple[float, float, int]]]]]:
+    """(source, runs) for every data source with recorded steps under ``root``."""
+    d = os.path.join(root, "sources")
+    out = []
+    for name in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+        if name.endswith(".json"):
+            with open(os.path.join(d, name)) as f:
+                obj = json.load(f)
+            out.append((obj["source"], {k: [tuple(h) for h in v] for k, v in obj["runs"].items()}))
+    return out

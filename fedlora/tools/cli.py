@@ -1,11 +1,11 @@
-"""The ``fedlora`` console script: ``fedlora compare`` and ``fedlora report``."""
+"""The ``fedlora`` console script: ``fedlora compare``, ``fedlora report`` and ``fedlora budget``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from . import compare
+from . import budget, compare
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,9 +16,12 @@ def main(argv: list[str] | None = None) -> int:
     report_parser.add_argument("run_dirs", nargs="+", help="folders holding run folders (searched recursively)")
     report_parser.add_argument("--out", help="where report.html and the PNGs go (default: <first folder>/report)")
     report_parser.add_argument("--title", default="fedlora comparison")
+    budget.add_arguments(sub.add_parser("budget", help="a node's privacy spent per data source, across all runs"))
     args = parser.parse_args(argv)
     if args.command == "compare":
         return compare.main(args)
+    if args.command == "budget":
+        return budget.main(args)
     from . import report  # matplotlib is imported only when a report is made
 
     return report.main(args)
