@@ -240,7 +240,10 @@ class DPConfig:
 
     epsilon: float = option("dp.epsilon", 3.0, "per-client sample-level budget; 0 = non-private (no Opacus)", ge=0)
     delta: float = option("dp.delta", 1e-5, "per-client sample-level delta", gt=0, le=0.1)
-    max_grad_norm: float = option("dp.max-grad-norm", 1.0, "per-sample gradient clipping norm", gt=0)
+    max_grad_norm: float = option(
+        "dp.max-grad-norm", 1.0, "per-sample gradient clipping norm (below 1e-3, float32 noise and updates lose precision)",
+        ge=1e-3,
+    )
 
     @property
     def enabled(self) -> bool:
@@ -415,6 +418,11 @@ class RunConfig:
         "aggregation.method", Aggregation.MEAN,
         "`mean` (example-weighted), `median` (coordinate-wise, Flower's FedMedian), "
         "`trimmed-mean` (Flower's FedTrimmedAvg)",
+    )
+    max_weight_share: float = option(
+        "aggregation.max-weight-share", 0.5,
+        "the largest share of the aggregate one reply's claimed example count can weigh (capped shares are "
+        "redistributed to the others; at least 1 / replies); 1 = plain example weighting", gt=0, le=1,
     )
     trim_fraction: float = option(
         "aggregation.trim-fraction", 0.2, "share cut from each end for `trimmed-mean`", ge=0, le=0.49,

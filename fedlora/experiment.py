@@ -184,6 +184,7 @@ class Experiment:
             lora_scale=run.lora.alpha / run.lora.r,
             min_replies=run.min_replies,
             max_norm_ratio=run.max_norm_ratio,
+            max_weight_share=run.max_weight_share,
             aggregation=run.aggregation,
             trim_fraction=run.trim_fraction,
             clip_norm=run.clip_norm,

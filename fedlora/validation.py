@@ -16,6 +16,7 @@ import numpy as np
 from flwr.app import Array, RecordDict
 
 WEIGHT_KEY = "num-examples"
+MAX_EXAMPLES = 10**9  # a claim beyond this is not a node's data set (1e300 would overflow the weights)
 MIN_REPLIES_FOR_NORM_CHECK = 3  # a median of fewer replies says little about outliers
 
 
@@ -55,7 +56,38 @@ def check_reply(content: RecordDict, shapes: dict[str, tuple[int, ...]], flexibl
     n = metric.get(WEIGHT_KEY)
     if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) or n != int(n) or n <= 0:
         return f"'{WEIGHT_KEY}' must be a positive integer, got {n!r}"
+    if n > MAX_EXAMPLES:
+        return f"'{WEIGHT_KEY}' = {n:.4g} is more than {MAX_EXAMPLES:.0e} examples"
+    for key, value in metric.items():  # a NaN metric would poison averages (and a NaN epsilon vanish in max)
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in values):
+            return f"metric '{key}' is not a finite number"
+    if float(metric.get("epsilon", 0.0)) < 0:
+        return "metric 'epsilon' is negative"
     return None
+
+
+def capped_shares(weights: list[float], max_share: float) -> list[float]:
+    """Aggregation weights (summing to 1) proportional to ``weights``, with no
+    share above ``max_share`` (at least 1/len: equal shares): the excess of a
+    capped reply goes to the others in proportion (water-filling). No reply's
+    claimed example count can then dominate the aggregate."""
+    k = len(weights)
+    cap = max(max_share, 1.0 / k)
+    shares, fixed = [0.0] * k, set()
+    while True:
+        free = [i for i in range(k) if i not in fixed]
+        left = 1.0 - cap * len(fixed)
+        total = sum(weights[i] for i in free)
+        for i in free:
+            shares[i] = left * weights[i] / total if total > 0 else left / len(free)
+        over = [i for i in free if shares[i] > cap * (1 + 1e-12)]
+        if not over:
+            break
+        for i in over:
+            shares[i] = cap
+            fixed.add(i)
+    return shares
 
 
 def reference(content: RecordDict, sent: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -83,14 +115,21 @@ def update_norm(content: RecordDict, sent: dict[str, np.ndarray]) -> float:
     return math.sqrt(sum(float(np.sum((record[k].numpy().astype(np.float64) - v) ** 2)) for k, v in sent.items()))
 
 
-def norm_outliers(norms: dict[int, float], max_ratio: float) -> dict[int, str]:
-    """Nodes whose update norm exceeds ``max_ratio`` x the round's median."""
-    if max_ratio <= 0 or len(norms) < MIN_REPLIES_FOR_NORM_CHECK:
+def norm_outliers(norms: dict[int, float], max_ratio: float, earlier: list[float] = ()) -> dict[int, str]:
+    """Nodes whose update norm exceeds ``max_ratio`` x the round's median; with
+    fewer replies than a median needs, x the median of the norms accepted in
+    earlier rounds (``earlier``), if any."""
+    if max_ratio <= 0 or not norms:
         return {}
-    median = statistics.median(norms.values())
+    if len(norms) >= MIN_REPLIES_FOR_NORM_CHECK:
+        median, what = statistics.median(norms.values()), "the round median"
+    elif earlier:
+        median, what = statistics.median(earlier), "the median of earlier rounds"
+    else:
+        return {}
     bound = max_ratio * median
     return {
-        node: f"update norm {norm:.4g} is above {max_ratio:g} x the round median {median:.4g}"
+        node: f"update norm {norm:.4g} is above {max_ratio:g} x {what} {median:.4g}"
         for node, norm in norms.items()
         if norm > bound
     }

@@ -139,7 +139,7 @@ class FedLoraStrategy(FedAvg):
 
     def __init__(
         self, *, payload_shapes: dict[str, tuple[int, ...]], fingerprint: str, extra_config: dict | None = None,
-        min_replies: int = 1, max_norm_ratio: float = 0.0,
+        min_replies: int = 1, max_norm_ratio: float = 0.0, max_weight_share: float = 1.0,
         aggregation: str = "mean", trim_fraction: float = 0.2, clip_norm: float = 0.0,
         down_keys: Iterable[str] | None = None, lora_scale: float = 1.0, user_dp: UserDP | None = None, **kwargs,
     ) -> None:
@@ -182,6 +182,8 @@ class FedLoraStrategy(FedAvg):
                                   f"strategy {self.name} sends others: use server-fixed")
         self.min_replies = min_replies
         self.max_norm_ratio = max_norm_ratio
+        self.max_weight_share = max_weight_share  # no reply's example count weighs more than this share
+        self.accepted_norms: list[float] = []  # update norms that passed screening, latest last
         self._sent: dict[int, tuple[set[int], dict]] = {}  # round -> (selected nodes, arrays sent)
         self._sent_msgs: list[Message] = []  # this round's train messages (the grid sets their ids when it pushes them)
         self.fingerprint = fingerprint
@@ -271,10 +273,12 @@ class FedLoraStrategy(FedAvg):
         if sent is not None and self.user_dp is None:
             norms = {m.metadata.src_node_id: validation.update_norm(m.content, self._refs[m.metadata.src_node_id])
                      for m in good}
-            outliers = validation.norm_outliers(norms, self.max_norm_ratio)
+            outliers = validation.norm_outliers(norms, self.max_norm_ratio, self.accepted_norms)
             for node, reason in outliers.items():
                 self._refuse(stats, node, reason)
             good = [m for m in good if m.metadata.src_node_id not in outliers]
+            # The reference for later rounds with fewer replies than a median needs.
+            self.accepted_norms = (self.accepted_norms + [n for node, n in norms.items() if node not in outliers])[-50:]
         # A fixed order, by content: float sums then do not depend on arrival
         # order, so a resumed seeded run ends exactly where an uninterrupted one does.
         return sorted(good, key=_content_digest)
@@ -347,6 +351,7 @@ class FedLoraStrategy(FedAvg):
                 stats.user_epsilon = self.user_dp.epsilon()
             return None, None
         self._clip_updates(server_round, good)
+        self._cap_weights(good)
         if self.user_dp is not None:
             start = self._sent[server_round][1]
             starts = [self._refs[m.metadata.src_node_id] for m in good]
@@ -357,6 +362,16 @@ class FedLoraStrategy(FedAvg):
         aggregate = self._robust.aggregate_train if self._robust is not None else super().aggregate_train
         return aggregate(server_round, good)
 
+    def _cap_weights(self, good: list[Message]) -> None:
+        """``aggregation.max-weight-share``: each reply's weight (its claimed example
+        count, already recorded in the round's stats) becomes its capped share."""
+        if self.max_weight_share >= 1.0:
+            return
+        records = [next(iter(m.content.metric_records.values())) for m in good]
+        shares = validation.capped_shares([float(r[self.weighted_by_key]) for r in records], self.max_weight_share)
+        for record, share in zip(records, shares):
+            record[self.weighted_by_key] = share
+
     def _clip_updates(self, server_round: int, good: list[Message]) -> None:
         """``aggregation.clip-norm``: each update (reply - where its node started) clipped in place."""
         if self.clip_norm > 0 and self._sent.get(server_round, (None, None))[1] is not None:
@@ -366,9 +381,13 @@ class FedLoraStrategy(FedAvg):
 
     def state(self) -> dict:
         """What a checkpoint must keep besides the global arrays."""
-        return {"user-dp": self.user_dp.state()} if self.user_dp is not None else {}
+        state: dict = {"accepted-norms": self.accepted_norms} if self.accepted_norms else {}
+        if self.user_dp is not None:
+            state["user-dp"] = self.user_dp.state()
+        return state
 
     def load_state(self, state: dict) -> None:
+        self.accepted_norms = [float(n) for n in state.get("accepted-norms", [])]
         if self.user_dp is not None and "user-dp" in state:
             self.user_dp.load_state(state["user-dp"])
 
