@@ -73,19 +73,32 @@ def main() -> None:
         return out
 
     experiment.Experiment.evaluate_round = record
-    simulate({
-        "model": tiny_model(os.path.join(work, "model")), "dataset": data, "output-dir": os.path.join(work, "out"),
-        "cache-dir": os.path.join(work, "cache"), "num-server-rounds": args.rounds, "local-steps": 2,
-        "batch-size": 16, "max-length": 32, "dp.epsilon": 8.0, "min-train-nodes": args.clients,
-    }, num_supernodes=args.clients, cpus_per_client=1)
+    simulate(
+        {
+            "model": tiny_model(os.path.join(work, "model")),
+            "dataset": data,
+            "output-dir": os.path.join(work, "out"),
+            "cache-dir": os.path.join(work, "cache"),
+            "num-server-rounds": args.rounds,
+            "local-steps": 2,
+            "batch-size": 16,
+            "max-length": 32,
+            "dp.epsilon": 8.0,
+            "min-train-nodes": args.clients,
+        },
+        num_supernodes=args.clients,
+        cpus_per_client=1,
+    )
     start, end = rss[WARMUP], rss[args.rounds]
     mib = 1024 * 1024
     print("round  RSS(MiB)")
     for r in sorted(rss):
         if r in (0, 1, WARMUP) or r % 10 == 0 or r == args.rounds:
             print(f"{r:5d}  {rss[r] / mib:8.1f}")
-    print(f"RSS growth after warm-up (round {WARMUP} -> {args.rounds}, {args.clients} clients): "
-          f"{start / mib:.1f} MiB -> {end / mib:.1f} MiB = {100 * (end - start) / start:+.1f}%  (goal < 10%)")
+    print(
+        f"RSS growth after warm-up (round {WARMUP} -> {args.rounds}, {args.clients} clients): "
+        f"{start / mib:.1f} MiB -> {end / mib:.1f} MiB = {100 * (end - start) / start:+.1f}%  (goal < 10%)"
+    )
 
 
 if __name__ == "__main__":

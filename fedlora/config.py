@@ -220,12 +220,14 @@ class LoraConfig:
     alpha: float = option("lora.alpha", 16, "LoRA scaling alpha: the layer adds alpha / r · B A x", gt=0)
     dropout: float = option("lora.dropout", 0.0, "LoRA dropout", ge=0, le=0.99)
     target_modules: tuple[str, ...] = option(
-        "lora.target-modules", ("query", "value"),
+        "lora.target-modules",
+        ("query", "value"),
         "the linear layers that get LoRA, comma-separated (`query,value` for BERT, `q_proj,v_proj` for Llama-style)",
         note="each must exist in the model (checked when the model is built)",
     )
     client_ranks: tuple[int, ...] = option(
-        "lora.client-ranks", (),
+        "lora.client-ranks",
+        (),
         "heterogeneous ranks: simulated node i's rank is entry i (by `partition-id`), e.g. `4,8,8`; "
         "empty = every node has rank `lora.r` (a deployed node's rank is its node config `lora-rank`)",
         note="each in 1..`lora.r`; one for each `partition-id` (checked by the node)",
@@ -241,7 +243,9 @@ class DPConfig:
     epsilon: float = option("dp.epsilon", 3.0, "per-client sample-level budget; 0 = non-private (no Opacus)", ge=0)
     delta: float = option("dp.delta", 1e-5, "per-client sample-level delta", gt=0, le=0.1)
     max_grad_norm: float = option(
-        "dp.max-grad-norm", 1.0, "per-sample gradient clipping norm (below 1e-3, float32 noise and updates lose precision)",
+        "dp.max-grad-norm",
+        1.0,
+        "per-sample gradient clipping norm (below 1e-3, float32 noise and updates lose precision)",
         ge=1e-3,
     )
 
@@ -257,22 +261,29 @@ class UserDPConfig:
     title: ClassVar[str] = "User-level DP"
 
     mode: UserDPMode = option(  # noqa: RUF009 (option returns a field)
-        "user-dp.mode", UserDPMode.OFF,
+        "user-dp.mode",
+        UserDPMode.OFF,
         "`server-fixed` (the server clips each update), `client-fixed` (clients clip with Flower's "
         "`fixedclipping_mod`), `server-adaptive` (Flower's adaptive clipping, Andrew et al. 2021)",
     )
     noise_multiplier: float = option(
-        "user-dp.noise-multiplier", 1.0,
-        "z: the released mean gets Gaussian noise of std z·C / m (m clients per round)", gt=0,
+        "user-dp.noise-multiplier",
+        1.0,
+        "z: the released mean gets Gaussian noise of std z·C / m (m clients per round)",
+        gt=0,
     )
     clip_norm: float = option(
-        "user-dp.clip-norm", 1.0,
-        "C, the L2 bound of a client's update (reply − what it started from); the initial C when adaptive", gt=0,
+        "user-dp.clip-norm",
+        1.0,
+        "C, the L2 bound of a client's update (reply − what it started from); the initial C when adaptive",
+        gt=0,
     )
     delta: float = option("user-dp.delta", 1e-5, "delta of the reported `user_epsilon`", gt=0, le=0.1)
     clipped_count_stddev: float = option(
-        "user-dp.clipped-count-stddev", 0.0,
-        "adaptive only: noise on the clipped count (0 = Flower's m / 20, which needs z < m / 10)", ge=0,
+        "user-dp.clipped-count-stddev",
+        0.0,
+        "adaptive only: noise on the clipped count (0 = Flower's m / 20, which needs z < m / 10)",
+        ge=0,
     )
 
     @property
@@ -287,14 +298,18 @@ class PartitionConfig:
     title: ClassVar[str] = "Partitioning"
 
     method: PartitionMethod = option(  # noqa: RUF009 (option returns a field)
-        "partition.method", PartitionMethod.IID,
+        "partition.method",
+        PartitionMethod.IID,
         "how the training split is divided among the simulated nodes: `iid`, `dirichlet` (by label, "
         "`partition.alpha`), `pathological` (`partition.classes-per-client`); each node takes its `partition-id` "
         "of its `num-partitions` (node config)",
     )
     alpha: float = option("partition.alpha", 0.5, "Dirichlet concentration (smaller: more skewed)", gt=0)
     classes_per_client: int = option(
-        "partition.classes-per-client", 1, "labels per node for `pathological`", ge=1,
+        "partition.classes-per-client",
+        1,
+        "labels per node for `pathological`",
+        ge=1,
         note="at most the task's labels (checked when the data loads)",
     )
 
@@ -306,28 +321,42 @@ class DataConfig:
     title: ClassVar[str] = "Data"
 
     dataset: str = option(
-        "dataset", DEFAULT_DATASET,
+        "dataset",
+        DEFAULT_DATASET,
         "hub id (`id[:subset]`), local file (`.jsonl`, `.json`, `.csv`, `.parquet`) or directory, or the "
         "SST-2 default `sst2` (looked up in `data-dir`, then the hub, then a built-in synthetic task)",
         nonempty=True,
     )
     data_dir: str = option(
-        "data-dir", "", "where local datasets are looked up (`sst2/`); empty = `$FEDLORA_DATA_DIR`",
+        "data-dir",
+        "",
+        "where local datasets are looked up (`sst2/`); empty = `$FEDLORA_DATA_DIR`",
         env="FEDLORA_DATA_DIR",
     )
     train_split: str = option(
-        "train-split", "train", "training split (file prefix in a local directory)", nonempty=True,
+        "train-split",
+        "train",
+        "training split (file prefix in a local directory)",
+        nonempty=True,
     )
     eval_split: str = option(
-        "eval-split", "validation", "evaluation split (file prefix in a local directory)", nonempty=True,
+        "eval-split",
+        "validation",
+        "evaluation split (file prefix in a local directory)",
+        nonempty=True,
     )
     text_columns: tuple[str, ...] = option(
-        "text-columns", ("text",), "the text column, or two for a pair task (`sentence1,sentence2`)",
+        "text-columns",
+        ("text",),
+        "the text column, or two for a pair task (`sentence1,sentence2`)",
         rule=Rule("at most 2", "at most two columns (a text or a text pair)", lambda cols: len(cols) <= 2),
     )
     label_column: str = option("label-column", "label", "the label column (integers 0..K-1, or strings)", nonempty=True)
     max_length: int = option(
-        "max-length", 64, "tokens per example (longer text is truncated)", ge=8,
+        "max-length",
+        64,
+        "tokens per example (longer text is truncated)",
+        ge=8,
         note="at most the model's positions (checked when the model is built)",
     )
 
@@ -345,7 +374,8 @@ class TrainConfig:
     local_steps: int = option("local-steps", 10, "optimizer steps per client and round", ge=1)
     batch_size: int = option("batch-size", 64, "logical batch size (under DP: the expected Poisson batch size)", ge=1)
     micro_batch_size: int = option(
-        "micro-batch-size", 0,
+        "micro-batch-size",
+        0,
         "examples per forward/backward pass within a logical batch, processed sorted by length "
         "(0 = the whole logical batch in one pass); DP accounting is per logical batch",
         ge=0,
@@ -354,7 +384,11 @@ class TrainConfig:
     learning_rate: float = option("learning-rate", 4.0, "learning rate (tune it per method)", gt=0)
     eval_batch_size: int = option("eval-batch-size", 64, "evaluation batch size", ge=1)
     local_eval_fraction: float = option(
-        "local-eval-fraction", 0.1, "share of each client's data held out for client-side evaluation", ge=0, le=0.5,
+        "local-eval-fraction",
+        0.1,
+        "share of each client's data held out for client-side evaluation",
+        ge=0,
+        le=0.5,
         note="> 0 when `fraction-evaluate` > 0",
     )
 
@@ -366,7 +400,9 @@ class TrackingConfig:
     title: ClassVar[str] = "Tracking"
 
     backends: tuple[Tracker, ...] = option(
-        "tracking.backends", (Tracker.TENSORBOARD,), "experiment trackers, comma-separated, or `none`",
+        "tracking.backends",
+        (Tracker.TENSORBOARD,),
+        "experiment trackers, comma-separated, or `none`",
         note="each installed (checked at start-up)",
     )
     project: str = option("tracking.project", "fedlora", "W&B / MLflow project", nonempty=True)
@@ -382,75 +418,110 @@ class RunConfig:
     title: ClassVar[str] = "Run"
 
     strategy: str = option(
-        "strategy", "ffa-lora", "the federated LoRA method (one module each in `fedlora/strategies/`)",
+        "strategy",
+        "ffa-lora",
+        "the federated LoRA method (one module each in `fedlora/strategies/`)",
         choices=STRATEGY_REGISTRY,
     )
     num_server_rounds: int = option("num-server-rounds", 5, "federated rounds", ge=1)
     fraction_train: float = option(
-        "fraction-train", 1.0, "share of the connected nodes sampled for training each round", gt=0, le=1,
+        "fraction-train",
+        1.0,
+        "share of the connected nodes sampled for training each round",
+        gt=0,
+        le=1,
     )
     fraction_evaluate: float = option(
-        "fraction-evaluate", 0.0,
+        "fraction-evaluate",
+        0.0,
         "share of the connected nodes sampled for client-side evaluation each round (on their held-out split)",
-        ge=0, le=1,
+        ge=0,
+        le=1,
     )
     min_train_nodes: int = option(
-        "min-train-nodes", 2, "minimum nodes per training round; the server waits for this many to connect", ge=1,
+        "min-train-nodes",
+        2,
+        "minimum nodes per training round; the server waits for this many to connect",
+        ge=1,
     )
     min_replies: int = option(
-        "min-replies", 1, "valid replies a round needs to update the global adapter (else it is kept)", ge=1,
+        "min-replies",
+        1,
+        "valid replies a round needs to update the global adapter (else it is kept)",
+        ge=1,
     )
     round_timeout: float = option(
-        "round-timeout", 3600.0,
-        "seconds the server waits for a round's replies; late nodes are left out of that round", gt=0,
+        "round-timeout",
+        3600.0,
+        "seconds the server waits for a round's replies; late nodes are left out of that round",
+        gt=0,
     )
     node_wait_timeout: float = option(
-        "node-wait-timeout", 300.0,
-        "seconds the server waits at the start for min-train-nodes nodes to connect; "
-        "then it stops with an error naming the numbers",
+        "node-wait-timeout",
+        300.0,
+        "seconds the server waits at the start for min-train-nodes nodes to connect; then it stops with an error naming the numbers",
         gt=0,
     )
     max_norm_ratio: float = option(
-        "validate.max-norm-ratio", 10.0,
-        "refuse an update whose norm exceeds this × the round's median (with ≥ 3 replies; 0 = off)", ge=0,
+        "validate.max-norm-ratio",
+        10.0,
+        "refuse an update whose norm exceeds this × the round's median (with ≥ 3 replies; 0 = off)",
+        ge=0,
     )
     aggregation: Aggregation = option(  # noqa: RUF009 (option returns a field)
-        "aggregation.method", Aggregation.MEAN,
-        "`mean` (example-weighted), `median` (coordinate-wise, Flower's FedMedian), "
-        "`trimmed-mean` (Flower's FedTrimmedAvg)",
+        "aggregation.method",
+        Aggregation.MEAN,
+        "`mean` (example-weighted), `median` (coordinate-wise, Flower's FedMedian), `trimmed-mean` (Flower's FedTrimmedAvg)",
     )
     max_weight_share: float = option(
-        "aggregation.max-weight-share", 0.5,
+        "aggregation.max-weight-share",
+        0.5,
         "the largest share of the aggregate one reply's claimed example count can weigh (capped shares are "
-        "redistributed to the others; at least 1 / replies); 1 = plain example weighting", gt=0, le=1,
+        "redistributed to the others; at least 1 / replies); 1 = plain example weighting",
+        gt=0,
+        le=1,
     )
     trim_fraction: float = option(
-        "aggregation.trim-fraction", 0.2, "share cut from each end for `trimmed-mean`", ge=0, le=0.49,
+        "aggregation.trim-fraction",
+        0.2,
+        "share cut from each end for `trimmed-mean`",
+        ge=0,
+        le=0.49,
     )
     clip_norm: float = option(
-        "aggregation.clip-norm", 0.0,
-        "clip each client's update (reply − global) to this L2 norm before aggregating; 0 = off", ge=0,
+        "aggregation.clip-norm",
+        0.0,
+        "clip each client's update (reply − global) to this L2 norm before aggregating; 0 = off",
+        ge=0,
     )
     seed: int = option("seed", 42, "seeds the shared init (A, head), sampling and, in simulation, the DP noise", ge=0)
     model: str = option(
-        "model", DEFAULT_MODEL, "an `AutoModelForSequenceClassification` checkpoint: hub id or local directory",
+        "model",
+        DEFAULT_MODEL,
+        "an `AutoModelForSequenceClassification` checkpoint: hub id or local directory",
         nonempty=True,
     )
     train_head: bool = option(
-        "train-head", True,
+        "train-head",
+        True,
         "whether the classifier head trains and is aggregated (if false it stays at its seeded init)",
     )
     output_dir: str = option("output-dir", "outputs", "where runs go", nonempty=True)
     run_name: str = option(
-        "run-name", "", "the run's folder in `output-dir`; empty = `<strategy>-<eps>-<partition>-<time>`",
+        "run-name",
+        "",
+        "the run's folder in `output-dir`; empty = `<strategy>-<eps>-<partition>-<time>`",
         rule=Rule("a plain folder name", "must be a plain folder name (no path separators)", _plain_folder_name),
     )
     resume: bool = option(
-        "resume", False,
+        "resume",
+        False,
         "continue the latest checkpointed run in `output-dir` (or `run-name`) from its last complete round",
     )
     cache_dir: str = option(
-        "cache-dir", "", "node cache (tokenised data, node state); empty = `$FEDLORA_CACHE_DIR` or `~/.cache/fedlora`",
+        "cache-dir",
+        "",
+        "node cache (tokenised data, node state); empty = `$FEDLORA_CACHE_DIR` or `~/.cache/fedlora`",
     )
     lora: LoraConfig = field(default_factory=LoraConfig)
     dp: DPConfig = field(default_factory=DPConfig)
@@ -480,7 +551,14 @@ def _collect(cls: type, path: tuple[str, ...] = ()) -> Iterator[tuple[type, Opti
 
 
 GROUPS: tuple[type, ...] = (
-    RunConfig, LoraConfig, DPConfig, UserDPConfig, PartitionConfig, DataConfig, TrainConfig, TrackingConfig,
+    RunConfig,
+    LoraConfig,
+    DPConfig,
+    UserDPConfig,
+    PartitionConfig,
+    DataConfig,
+    TrainConfig,
+    TrackingConfig,
 )
 _DECLARED = tuple(_collect(RunConfig))
 OPTIONS: dict[str, Option] = {opt.key: opt for _, opt in _DECLARED}
@@ -496,9 +574,7 @@ def _get(cfg: Mapping[str, Any], key: str) -> Any:
 
 def _int(cfg: Mapping[str, Any], opt: Option) -> int:
     value = _get(cfg, opt.key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-        isinstance(value, float) and not value.is_integer()
-    ):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
         raise ConfigError(opt.key, value, "must be an integer")
     value = int(value)
     if opt.ge is not None and value < opt.ge:
@@ -568,8 +644,7 @@ def _choice_list(cfg: Mapping[str, Any], opt: Option, kind: type[Choice]) -> tup
     chosen = tuple(c.strip() for c in _str(cfg, opt).split(",") if c.strip() and c.strip() != "none")
     for c in chosen:
         if c not in _values(kind):
-            raise ConfigError(opt.key, _get(cfg, opt.key),
-                              f"unknown {kind.__name__.lower()} {c!r}; choose from {', '.join(_values(kind))} or none")
+            raise ConfigError(opt.key, _get(cfg, opt.key), f"unknown {kind.__name__.lower()} {c!r}; choose from {', '.join(_values(kind))} or none")
     return tuple(dict.fromkeys(kind(c) for c in chosen))
 
 
@@ -616,11 +691,9 @@ def _build(cls: type, values: Mapping[tuple[str, ...], Any], path: tuple[str, ..
 def _check_across_keys(run: RunConfig, cfg: Mapping[str, Any]) -> None:
     """The checks that involve more than one key (see the options' ``note``)."""
     if any(not 1 <= r <= run.lora.r for r in run.lora.client_ranks):
-        raise ConfigError("lora.client-ranks", _get(cfg, "lora.client-ranks").strip(),
-                          f"each rank must be in 1..lora.r ({run.lora.r})")
+        raise ConfigError("lora.client-ranks", _get(cfg, "lora.client-ranks").strip(), f"each rank must be in 1..lora.r ({run.lora.r})")
     if run.fraction_evaluate > 0 and run.train.local_eval_fraction == 0:
-        raise ConfigError("local-eval-fraction", 0.0,
-                          "must be > 0 when fraction-evaluate > 0 (clients need a local split)")
+        raise ConfigError("local-eval-fraction", 0.0, "must be > 0 when fraction-evaluate > 0 (clients need a local split)")
 
 
 def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
@@ -661,26 +734,36 @@ class PrivacyPolicy:
     title: ClassVar[str] = "Node privacy policy"
 
     allow_non_private: bool = option(
-        "privacy.allow-non-private", False, "whether this node trains a run without sample-level DP (`dp.epsilon = 0`)",
+        "privacy.allow-non-private",
+        False,
+        "whether this node trains a run without sample-level DP (`dp.epsilon = 0`)",
     )
     max_epsilon: float = option("privacy.max-epsilon", 8.0, "the largest `dp.epsilon` a run may ask of this node", gt=0)
     max_delta: float = option(
-        "privacy.max-delta", 1e-5, "the largest `dp.delta` a run may ask; also the delta of the lifetime budget", gt=0, le=0.1,
+        "privacy.max-delta",
+        1e-5,
+        "the largest `dp.delta` a run may ask; also the delta of the lifetime budget",
+        gt=0,
+        le=0.1,
     )
     lifetime_epsilon: float = option(
-        "privacy.lifetime-epsilon", 0.0,
+        "privacy.lifetime-epsilon",
+        0.0,
         "one budget per data source across all runs (their accountant histories composed, at "
         "`privacy.max-delta`): a run whose whole plan would go past it is refused; 0 = no cap (spending is still "
         "recorded: `fedlora budget`)",
         ge=0,
     )
     allow_client_eval: bool = option(
-        "privacy.allow-client-eval", False,
+        "privacy.allow-client-eval",
+        False,
         "whether this node answers evaluate messages (its metrics on its held-out split are released without DP)",
     )
     max_eval_queries: int = option("privacy.max-eval-queries", 10, "evaluate messages this node answers per run", ge=0)
     allowed_models: tuple[str, ...] = option(
-        "privacy.allowed-models", (), "the `model` values a run may use on this node, comma-separated; empty = any",
+        "privacy.allowed-models",
+        (),
+        "the `model` values a run may use on this node, comma-separated; empty = any",
     )
 
 
@@ -694,19 +777,27 @@ class NodeConfig:
     title: ClassVar[str] = "Node config"
 
     partition_id: int = option(
-        "partition-id", -1, "simulation: this node's partition of the training split, 0..`num-partitions`−1 "
-        "(Flower's simulation sets it); also its entry of `lora.client-ranks`; -1 = none", ge=-1,
+        "partition-id",
+        -1,
+        "simulation: this node's partition of the training split, 0..`num-partitions`−1 "
+        "(Flower's simulation sets it); also its entry of `lora.client-ranks`; -1 = none",
+        ge=-1,
     )
     num_partitions: int = option(
-        "num-partitions", 0, "simulation: how many partitions the training split is divided into "
-        "(Flower's simulation sets it to the number of simulated nodes); 0 = none", ge=0,
+        "num-partitions",
+        0,
+        "simulation: how many partitions the training split is divided into (Flower's simulation sets it to the number of simulated nodes); 0 = none",
+        ge=0,
     )
     data_path: str = option(
-        "data-path", "", "deployment: the node's own data, a file or directory, trained on whole (no partitioning)",
+        "data-path",
+        "",
+        "deployment: the node's own data, a file or directory, trained on whole (no partitioning)",
     )
     lora_rank: int = option("lora-rank", 0, "deployment: this node's LoRA rank, 1..`lora.r`; 0 = `lora.r`", ge=0)
     state_dir: str = option(
-        "state-dir", "",
+        "state-dir",
+        "",
         "where a node with its own data keeps its token cache, privacy ledgers and state (owner-only files); "
         "the server's `cache-dir` does not apply to it; empty = `$FEDLORA_CACHE_DIR` or `~/.cache/fedlora`",
     )
@@ -745,7 +836,12 @@ def policy_binds(node: NodeConfig, cfg: Mapping[str, Any]) -> bool:
 # -- docs/CONFIGURATION.md ------------------------------------------------------
 
 _TYPE_NAMES = {
-    bool: "bool", int: "int", float: "float", str: "string", tuple[str, ...]: "list", tuple[int, ...]: "list of int",
+    bool: "bool",
+    int: "int",
+    float: "float",
+    str: "string",
+    tuple[str, ...]: "list",
+    tuple[int, ...]: "list of int",
 }
 
 
@@ -819,17 +915,30 @@ def markdown() -> str:
     for group in GROUPS:
         where = "`run`" if group is RunConfig else f"`run.{_group_path(group)}`"
         about = " ".join(group.__doc__.split())
-        lines += ["", f"## {group.title}", "", f"{about} Parsed into {where} (`{group.__name__}`).", "",
-                  _row("key", "type", "default", "allowed", "meaning"), _row(*["---"] * 5)]
+        lines += [
+            "",
+            f"## {group.title}",
+            "",
+            f"{about} Parsed into {where} (`{group.__name__}`).",
+            "",
+            _row("key", "type", "default", "allowed", "meaning"),
+            _row(*["---"] * 5),
+        ]
         for cls, opt in _DECLARED:
             if cls is group:
                 default = f"`{_toml(opt.flower_default)}`"
                 lines.append(_row(f"`{opt.key}`", _type_name(opt.type), default, _allowed(opt), opt.help))
     for group in NODE_GROUPS:
         about = " ".join(group.__doc__.split())
-        lines += ["", f"## {group.title}", "", f"{about} Not run config: set per SuperNode "
-                  "(`flower-supernode --node-config 'key=value ...'`).", "",
-                  _row("key", "type", "default", "allowed", "meaning"), _row(*["---"] * 5)]
+        lines += [
+            "",
+            f"## {group.title}",
+            "",
+            f"{about} Not run config: set per SuperNode (`flower-supernode --node-config 'key=value ...'`).",
+            "",
+            _row("key", "type", "default", "allowed", "meaning"),
+            _row(*["---"] * 5),
+        ]
         for cls, opt in _NODE_DECLARED:
             if cls is group:
                 default = f"`{_toml(opt.flower_default)}`"

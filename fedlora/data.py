@@ -47,11 +47,7 @@ class Task:
 
 
 def _looks_like_path(name: str) -> bool:
-    return (
-        name.startswith(("/", "./", "../", "~"))
-        or os.path.splitext(name)[1] in DATA_EXTENSIONS
-        or os.path.exists(name)
-    )
+    return name.startswith(("/", "./", "../", "~")) or os.path.splitext(name)[1] in DATA_EXTENSIONS or os.path.exists(name)
 
 
 def _split_files(directory: str, split: str) -> list[str]:
@@ -88,9 +84,7 @@ def read_local(path: str, data: DataConfig, key: str = "dataset") -> dict[str, d
             if files:
                 out[name] = _read_files(files, key, path)
         if not out:
-            raise ConfigError(
-                key, path, f"directory has no {data.train_split}*/{data.eval_split}* .jsonl/.csv/.parquet files"
-            )
+            raise ConfigError(key, path, f"directory has no {data.train_split}*/{data.eval_split}* .jsonl/.csv/.parquet files")
         return out
     raise ConfigError(key, path, "no such file or directory")
 
@@ -186,7 +180,9 @@ def label_names_of(ds: datasets.Dataset, label_column: str) -> tuple[str, ...]:
         # Documented handling: string labels map to ids in sorted order.
         return tuple(sorted(values))
     kinds = sorted({type(v).__name__ for v in values})
-    raise ConfigError("label-column", label_column, f"labels must be all integers or all strings, found {', '.join(kinds)} (e.g. {sorted(map(repr, values))[0]})")
+    raise ConfigError(
+        "label-column", label_column, f"labels must be all integers or all strings, found {', '.join(kinds)} (e.g. {sorted(map(repr, values))[0]})"
+    )
 
 
 def check_columns(ds: datasets.Dataset, data: DataConfig, where: str) -> None:
@@ -197,9 +193,7 @@ def check_columns(ds: datasets.Dataset, data: DataConfig, where: str) -> None:
         raise ConfigError("label-column", data.label_column, f"column not in {where} (columns: {ds.column_names})")
 
 
-def normalise(
-    ds: datasets.Dataset, data: DataConfig, label_names: tuple[str, ...], where: str
-) -> datasets.Dataset:
+def normalise(ds: datasets.Dataset, data: DataConfig, label_names: tuple[str, ...], where: str) -> datasets.Dataset:
     """Keep the text columns and an integer ``label`` column; reject missing
     columns and labels outside ``label_names``."""
     check_columns(ds, data, where)
@@ -283,13 +277,20 @@ def _partitioner(ds: datasets.Dataset, cfg: PartitionConfig, num_partitions: int
         p = IidPartitioner(num_partitions=num_partitions)
     elif cfg.method == "dirichlet":
         p = DirichletPartitioner(
-            num_partitions=num_partitions, partition_by=LABEL, alpha=cfg.alpha,
-            min_partition_size=1, self_balancing=False, seed=seed,
+            num_partitions=num_partitions,
+            partition_by=LABEL,
+            alpha=cfg.alpha,
+            min_partition_size=1,
+            self_balancing=False,
+            seed=seed,
         )
     else:
         p = PathologicalPartitioner(
-            num_partitions=num_partitions, partition_by=LABEL,
-            num_classes_per_partition=cfg.classes_per_client, class_assignment_mode="deterministic", seed=seed,
+            num_partitions=num_partitions,
+            partition_by=LABEL,
+            num_classes_per_partition=cfg.classes_per_client,
+            class_assignment_mode="deterministic",
+            seed=seed,
         )
     p.dataset = ds
     return p

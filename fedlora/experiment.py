@@ -59,7 +59,9 @@ class Experiment:
         self.run = run
         self.method = get_strategy(run.strategy)
         if run.user_dp.mode == "client-fixed" and any(r != run.lora.r for r in run.lora.client_ranks):
-            raise ConfigError("user-dp.mode", "client-fixed", "Flower's fixedclipping_mod needs replies shaped as what was sent: with mixed ranks use server-fixed")
+            raise ConfigError(
+                "user-dp.mode", "client-fixed", "Flower's fixedclipping_mod needs replies shaped as what was sent: with mixed ranks use server-fixed"
+            )
         if not self.method.mixed_ranks and any(r != run.lora.r for r in run.lora.client_ranks):
             raise ConfigError("lora.client-ranks", ",".join(map(str, run.lora.client_ranks)), f"strategy {run.strategy} cannot aggregate mixed ranks")
         check_available(run.tracking)
@@ -89,10 +91,18 @@ class Experiment:
         else:
             if run.resume:
                 log.warning("resume=true but no checkpointed run in %s: starting a new run", parent)
-            self.folder = RunFolder.new(parent, run.run_name or "-".join([
-                run.strategy, f"eps{run.dp.epsilon:g}" if run.dp.enabled else "nodp",
-                run.partition.method, time.strftime("%Y%m%d-%H%M%S"),
-            ]))
+            self.folder = RunFolder.new(
+                parent,
+                run.run_name
+                or "-".join(
+                    [
+                        run.strategy,
+                        f"eps{run.dp.epsilon:g}" if run.dp.enabled else "nodp",
+                        run.partition.method,
+                        time.strftime("%Y%m%d-%H%M%S"),
+                    ]
+                ),
+            )
             # Identifies the run to nodes across restarts: keys their privacy ledgers.
             self.run_key = uuid.uuid4().hex
         self.dir = self.folder.path
@@ -107,8 +117,14 @@ class Experiment:
         self.folder.write_json("config.json", self.portable(self._describe(run_id)))
         log.info(
             "run %s: %s on %s (%s), %d labels, payload %d tensors / %d bytes, output %s",
-            self.folder.name, run.strategy, self.task.source, run.data.dataset, self.task.num_labels,
-            len(self.initial_arrays), wire.nbytes(self.initial_arrays), self.dir,
+            self.folder.name,
+            run.strategy,
+            self.task.source,
+            run.data.dataset,
+            self.task.num_labels,
+            len(self.initial_arrays),
+            wire.nbytes(self.initial_arrays),
+            self.dir,
         )
 
     def portable(self, obj: Any) -> Any:
@@ -123,9 +139,12 @@ class Experiment:
             "resolved": self.run.to_dict(),
             "run-id": run_id,
             "data": {
-                "source": self.task.source, "synthetic": self.task.synthetic,
-                "label-names": list(self.task.label_names), "text-columns": list(self.task.text_columns),
-                "train-examples": len(self.task.train), "eval-examples": len(self.task.eval),
+                "source": self.task.source,
+                "synthetic": self.task.synthetic,
+                "label-names": list(self.task.label_names),
+                "text-columns": list(self.task.text_columns),
+                "train-examples": len(self.task.train),
+                "eval-examples": len(self.task.eval),
                 # Accuracy of always predicting the most common eval label: the bar to beat.
                 "eval-majority-accuracy": max(Counter(self.task.eval["label"]).values()) / len(self.task.eval),
             },
@@ -216,9 +235,18 @@ class Experiment:
         if stats:
             log.info(
                 "round %d/%d | %s | acc %.4f loss %.4f | %s | up %.1f KB down %.1f KB | %d/%d clients%s | %.1fs",
-                server_round, self.run.num_server_rounds, self.run.strategy, acc, loss, eps,
-                row["bytes_up"] / 1024, row["bytes_down"] / 1024, stats.replies, stats.sampled,
-                f" ({len(stats.failures)} failed)" if stats.failures else "", row["seconds"],
+                server_round,
+                self.run.num_server_rounds,
+                self.run.strategy,
+                acc,
+                loss,
+                eps,
+                row["bytes_up"] / 1024,
+                row["bytes_down"] / 1024,
+                stats.replies,
+                stats.sampled,
+                f" ({len(stats.failures)} failed)" if stats.failures else "",
+                row["seconds"],
             )
         else:
             log.info("round 0 (initial model) | acc %.4f loss %.4f", acc, loss)
@@ -228,10 +256,14 @@ class Experiment:
         """One line of metrics.jsonl."""
         now = time.perf_counter()
         row: dict[str, Any] = {
-            "round": server_round, "strategy": self.run.strategy, "accuracy": acc, "loss": loss,
+            "round": server_round,
+            "strategy": self.run.strategy,
+            "accuracy": acc,
+            "loss": loss,
             "epsilon": stats.epsilon if stats else 0.0,
             **({"user_epsilon": stats.user_epsilon} if stats and stats.user_epsilon is not None else {}),
-            "bytes_up": stats.bytes_up if stats else 0, "bytes_down": stats.bytes_down if stats else 0,
+            "bytes_up": stats.bytes_up if stats else 0,
+            "bytes_down": stats.bytes_down if stats else 0,
             "seconds": (now - stats.started) if stats else 0.0,
         }
         if stats:
@@ -240,17 +272,23 @@ class Experiment:
         if stats:
             cm = list(stats.client_metrics.values())
             total = sum(float(m["num-examples"]) for m in cm) or 1.0
-            row.update({
-                "clients": stats.replies, "sampled": stats.sampled, "failures": len(stats.failures),
-                "failure_reasons": stats.failures,
-                # Only without DP: the loss on private batches is not privatised.
-                "train_loss": sum(float(m["train-loss"]) * float(m["num-examples"]) for m in cm) / total if cm and all("train-loss" in m for m in cm) else None,
-                "train_seconds_max": max((float(m["train-seconds"]) for m in cm), default=0.0),
-                "client_seconds_max": max((float(m["client-seconds"]) for m in cm), default=0.0),
-                **({"client_eval_accuracy": stats.client_eval["accuracy"], "client_eval_loss": stats.client_eval["loss"]} if stats.client_eval else {}),
-                # Per client: node id -> what it reported (examples, loss, epsilon, timings).
-                "client_metrics": {str(node): m for node, m in stats.client_metrics.items()},
-            })
+            row.update(
+                {
+                    "clients": stats.replies,
+                    "sampled": stats.sampled,
+                    "failures": len(stats.failures),
+                    "failure_reasons": stats.failures,
+                    # Only without DP: the loss on private batches is not privatised.
+                    "train_loss": sum(float(m["train-loss"]) * float(m["num-examples"]) for m in cm) / total
+                    if cm and all("train-loss" in m for m in cm)
+                    else None,
+                    "train_seconds_max": max((float(m["train-seconds"]) for m in cm), default=0.0),
+                    "client_seconds_max": max((float(m["client-seconds"]) for m in cm), default=0.0),
+                    **({"client_eval_accuracy": stats.client_eval["accuracy"], "client_eval_loss": stats.client_eval["loss"]} if stats.client_eval else {}),
+                    # Per client: node id -> what it reported (examples, loss, epsilon, timings).
+                    "client_metrics": {str(node): m for node, m in stats.client_metrics.items()},
+                }
+            )
         return row
 
     def finish(self) -> str:

@@ -75,7 +75,8 @@ def _validate_targets(base: nn.Module, targets: tuple[str, ...]) -> None:
     missing = [t for t in targets if t not in linear_names]
     if missing:
         raise ConfigError(
-            "lora.target-modules", ",".join(targets),
+            "lora.target-modules",
+            ",".join(targets),
             f"no linear layer named {missing} in the model (linear layers: {', '.join(sorted(linear_names))})",
         )
 
@@ -144,7 +145,9 @@ def init_shared(model: nn.Module, seed: int) -> None:
                 p.zero_()
             else:
                 std = 0.02
-                p.copy_(torch.empty_like(p).normal_(0.0, std, generator=_seeded_generator(seed, name.replace(".original_module.", ".modules_to_save.default."))))
+                p.copy_(
+                    torch.empty_like(p).normal_(0.0, std, generator=_seeded_generator(seed, name.replace(".original_module.", ".modules_to_save.default.")))
+                )
 
 
 def set_trainable(model: nn.Module, *, train_lora_a: bool, train_head: bool) -> None:

@@ -22,7 +22,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord
 from torch import nn
@@ -205,8 +204,14 @@ def check_fingerprint(rt: NodeRuntime, expected: str, exchange: wire.Exchange | 
 
 
 def train_round(
-    rt: NodeRuntime, arrays: ArrayRecord, server_round: int, ledger: privacy.PrivacyLedger | None, progress_prefix: str = "",
-    *, exchange: wire.Exchange | None = None, personal: ArrayRecord | None = None,
+    rt: NodeRuntime,
+    arrays: ArrayRecord,
+    server_round: int,
+    ledger: privacy.PrivacyLedger | None,
+    progress_prefix: str = "",
+    *,
+    exchange: wire.Exchange | None = None,
+    personal: ArrayRecord | None = None,
 ) -> tuple[ArrayRecord, dict[str, Any]]:
     """Load the global payload, train ``local-steps`` steps, return the new payload and metrics.
 
@@ -290,7 +295,11 @@ def check_ledger(ledger: privacy.PrivacyLedger, planned: privacy.PrivacyLedger) 
     whose history records a mechanism other than the planned one."""
     fields = ("target_epsilon", "delta", "noise_multiplier", "sample_rate", "planned_steps")
     differ = [f for f in fields if not math.isclose(float(getattr(ledger, f)), float(getattr(planned, f)), rel_tol=1e-9, abs_tol=0.0)]
-    foreign = [h for h in ledger.history if not (math.isclose(h[0], planned.noise_multiplier, rel_tol=1e-9) and math.isclose(h[1], planned.sample_rate, rel_tol=1e-9) and int(h[2]) >= 0)]
+    foreign = [
+        h
+        for h in ledger.history
+        if not (math.isclose(h[0], planned.noise_multiplier, rel_tol=1e-9) and math.isclose(h[1], planned.sample_rate, rel_tol=1e-9) and int(h[2]) >= 0)
+    ]
     if differ or foreign:
         raise LedgerMismatch(
             f"the stored privacy ledger differs from this run's plan for this node ({', '.join(differ) or 'history'}): "
@@ -353,8 +362,13 @@ class NodeTask:
             return cached[0], cached[1], None
         ledger = self._spend_ahead(ledger_in_state) if rt.run.dp.enabled else None
         out, metrics = train_round(
-            rt, arrays, r, ledger, progress_prefix=f"[node {self.name} round {r}] ",
-            exchange=self.exchange, personal=self.store.load_personal(r - 1) if self.has_personal else None,
+            rt,
+            arrays,
+            r,
+            ledger,
+            progress_prefix=f"[node {self.name} round {r}] ",
+            exchange=self.exchange,
+            personal=self.store.load_personal(r - 1) if self.has_personal else None,
         )
         # The order of writes: ledger (before training), personal state, then the reply.
         # A crash before the reply re-trains (and the ledger, already charged, may refuse);

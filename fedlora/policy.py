@@ -32,8 +32,7 @@ def check_run(run: RunConfig, node: NodeConfig, node_config: Mapping[str, Any]) 
     p = node.privacy
     if not run.dp.enabled:
         if not p.allow_non_private:
-            raise PolicyRefusal("dp.epsilon", "the run asks for no sample-level DP (dp.epsilon = 0); "
-                                "set privacy.allow-non-private = true to allow it")
+            raise PolicyRefusal("dp.epsilon", "the run asks for no sample-level DP (dp.epsilon = 0); set privacy.allow-non-private = true to allow it")
     else:
         if run.dp.epsilon > p.max_epsilon:
             raise PolicyRefusal("dp.epsilon", f"the run asks for epsilon {run.dp.epsilon:g} > privacy.max-epsilon = {p.max_epsilon:g}")
@@ -51,9 +50,12 @@ def check_lifetime(node: NodeConfig, other_runs: list[tuple[float, float, int]],
     epsilon = privacy.epsilon_of(whole, p.max_delta)
     if p.lifetime_epsilon > 0 and epsilon > p.lifetime_epsilon * (1 + 1e-9):
         spent = privacy.epsilon_of(other_runs, p.max_delta)
-        raise PolicyRefusal("dp.epsilon", f"this data source has spent epsilon {spent:.3f} in other runs; this run's plan "
-                            f"would bring it to {epsilon:.3f} > privacy.lifetime-epsilon = {p.lifetime_epsilon:g} "
-                            f"(delta {p.max_delta:g})")
+        raise PolicyRefusal(
+            "dp.epsilon",
+            f"this data source has spent epsilon {spent:.3f} in other runs; this run's plan "
+            f"would bring it to {epsilon:.3f} > privacy.lifetime-epsilon = {p.lifetime_epsilon:g} "
+            f"(delta {p.max_delta:g})",
+        )
     return epsilon
 
 
@@ -66,5 +68,4 @@ def check_eval(node: NodeConfig, node_config: Mapping[str, Any], queries_so_far:
     if not p.allow_client_eval:
         raise PolicyRefusal("fraction-evaluate", "client-side evaluation is off (privacy.allow-client-eval = false)")
     if queries_so_far >= p.max_eval_queries:
-        raise PolicyRefusal("fraction-evaluate", f"{queries_so_far} evaluate messages answered in this run: "
-                            f"privacy.max-eval-queries = {p.max_eval_queries}")
+        raise PolicyRefusal("fraction-evaluate", f"{queries_so_far} evaluate messages answered in this run: privacy.max-eval-queries = {p.max_eval_queries}")

@@ -55,7 +55,7 @@ def portable(obj: Any, data_dir: str) -> Any:
             for root, name in roots:
                 for prefix in ("", "local:"):  # data sources are written "local:<path>"
                     if value == prefix + root or value.startswith(prefix + root + os.sep):
-                        return prefix + name + value[len(prefix + root):]
+                        return prefix + name + value[len(prefix + root) :]
         return value
 
     return fix(obj)
@@ -154,9 +154,13 @@ class RunFolder:
         rows = self.metrics()
         last = rows[-1]
         result = {
-            "rounds": last["round"], "accuracy": last["accuracy"], "loss": last["loss"],
-            "best_accuracy": max(r["accuracy"] for r in rows), "epsilon": last["epsilon"],
-            "cum_bytes_up": last["cum_bytes_up"], "cum_bytes_down": last["cum_bytes_down"],
+            "rounds": last["round"],
+            "accuracy": last["accuracy"],
+            "loss": last["loss"],
+            "best_accuracy": max(r["accuracy"] for r in rows),
+            "epsilon": last["epsilon"],
+            "cum_bytes_up": last["cum_bytes_up"],
+            "cum_bytes_down": last["cum_bytes_down"],
             "round_seconds": sum(r["seconds"] for r in rows),
         }
         self.write_json(RESULT, result)

@@ -46,9 +46,7 @@ def run_rounds(strategy: FedLoraStrategy, grid: Grid, exp: Experiment) -> None:
     if exp.start_round == 1:
         exp.evaluate_round(0, arrays)
     for server_round in range(exp.start_round, run.num_server_rounds + 1):
-        replies = grid.send_and_receive(
-            messages=strategy.configure_train(server_round, arrays, ConfigRecord(), grid), timeout=run.round_timeout
-        )
+        replies = grid.send_and_receive(messages=strategy.configure_train(server_round, arrays, ConfigRecord(), grid), timeout=run.round_timeout)
         new_arrays, _ = strategy.aggregate_train(server_round, replies)
         if new_arrays is not None:
             arrays = new_arrays

@@ -37,9 +37,17 @@ def write_app_dir(overrides: dict[str, Any], directory: str) -> dict[str, Any]:
     config = {**DEFAULTS, **overrides}
     parse_run_config(config)  # fail here, with the key named, not inside Ray
     lines = [
-        "[project]", 'name = "fedlora-sim"', 'version = "0.0.0"', "",
-        "[tool.flwr.app]", 'publisher = "fedlora"', "",
-        "[tool.flwr.app.components]", 'serverapp = "fedlora.server_app:app"', 'clientapp = "fedlora.client_app:app"', "",
+        "[project]",
+        'name = "fedlora-sim"',
+        'version = "0.0.0"',
+        "",
+        "[tool.flwr.app]",
+        'publisher = "fedlora"',
+        "",
+        "[tool.flwr.app.components]",
+        'serverapp = "fedlora.server_app:app"',
+        'clientapp = "fedlora.client_app:app"',
+        "",
         "[tool.flwr.app.config]",
     ] + [f'"{k}" = {_toml_value(v)}' for k, v in config.items()]
     Path(directory, "pyproject.toml").write_text("\n".join(lines) + "\n")
@@ -78,7 +86,10 @@ def simulate(overrides: dict[str, Any] | None = None, num_supernodes: int | None
         run.fab_id, run.fab_version = "fedlora/fedlora", "0.0.0"
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
         server_context = Context(
-            run_id=run_id, node_id=0, node_config={}, state=RecordDict(),
+            run_id=run_id,
+            node_id=0,
+            node_config={},
+            state=RecordDict(),
             run_config=get_fused_config_from_dir(Path(app_dir), {}),
         )
         cpus = os.cpu_count() or 1
@@ -88,9 +99,15 @@ def simulate(overrides: dict[str, Any] | None = None, num_supernodes: int | None
             "init_args": {"num_cpus": cpus, "log_to_driver": True, "include_dashboard": False},
         }
         _run_simulation(
-            num_supernodes=num_supernodes, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-            client_app=client_app, server_app=server_app, backend_config=backend,
-            server_app_context=server_context, app_dir=app_dir, run=run, is_app=True,
+            num_supernodes=num_supernodes,
+            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+            client_app=client_app,
+            server_app=server_app,
+            backend_config=backend,
+            server_app_context=server_context,
+            app_dir=app_dir,
+            run=run,
+            is_app=True,
         )
 
 

@@ -30,11 +30,18 @@ log = logging.getLogger("fedlora")
 def round_scalars(row: Mapping[str, Any]) -> dict[str, float]:
     """The numbers of a metrics.jsonl row worth plotting, under stable tags."""
     keys = {
-        "accuracy": "eval/accuracy", "loss": "eval/loss", "epsilon": "privacy/epsilon",
-        "bytes_up": "comm/bytes_up", "bytes_down": "comm/bytes_down",
-        "cum_bytes_up": "comm/cum_bytes_up", "cum_bytes_down": "comm/cum_bytes_down",
-        "train_loss": "train/loss", "seconds": "time/round_seconds",
-        "train_seconds_max": "time/train_seconds_max", "clients": "clients/replies", "failures": "clients/failures",
+        "accuracy": "eval/accuracy",
+        "loss": "eval/loss",
+        "epsilon": "privacy/epsilon",
+        "bytes_up": "comm/bytes_up",
+        "bytes_down": "comm/bytes_down",
+        "cum_bytes_up": "comm/cum_bytes_up",
+        "cum_bytes_down": "comm/cum_bytes_down",
+        "train_loss": "train/loss",
+        "seconds": "time/round_seconds",
+        "train_seconds_max": "time/train_seconds_max",
+        "clients": "clients/replies",
+        "failures": "clients/failures",
         "client_eval_accuracy": "client_eval/accuracy",
     }
     return {tag: float(row[k]) for k, tag in keys.items() if isinstance(row.get(k), (int, float)) and not isinstance(row.get(k), bool)}
@@ -74,9 +81,14 @@ class WandbTracker(Tracker):
         import wandb
 
         self.run = wandb.init(
-            project=cfg.project, name=name, dir=run_dir, mode=cfg.wandb_mode, reinit="finish_previous",
+            project=cfg.project,
+            name=name,
+            dir=run_dir,
+            mode=cfg.wandb_mode,
+            reinit="finish_previous",
             # Resuming a fedlora run continues the same wandb run.
-            id=_safe_id(name), resume="allow",
+            id=_safe_id(name),
+            resume="allow",
         )
 
     def log_config(self, config: Mapping[str, Any]) -> None:

@@ -87,8 +87,7 @@ class _AdaptiveClipping(DifferentialPrivacyServerSideAdaptiveClipping):
 class UserDP:
     """One run's central DP: the wrapped aggregator and the count of releases."""
 
-    def __init__(self, mode: str, noise_multiplier: float, clip_norm: float, delta: float,
-                 num_sampled: int, clipped_count_stddev: float = 0.0) -> None:
+    def __init__(self, mode: str, noise_multiplier: float, clip_norm: float, delta: float, num_sampled: int, clipped_count_stddev: float = 0.0) -> None:
         self.mode, self.noise_multiplier, self.delta, self.num_sampled = mode, noise_multiplier, delta, num_sampled
         self.releases = 0
         mean = FedAvg(weighted_by_key=UNIT_WEIGHT)
@@ -97,7 +96,10 @@ class UserDP:
         elif mode == "server-adaptive":
             try:
                 self.wrapper = _AdaptiveClipping(
-                    mean, noise_multiplier, num_sampled, initial_clipping_norm=clip_norm,
+                    mean,
+                    noise_multiplier,
+                    num_sampled,
+                    initial_clipping_norm=clip_norm,
                     clipped_count_stddev=clipped_count_stddev or None,
                 )
             except ValueError as e:
@@ -114,8 +116,9 @@ class UserDP:
         if self.mode == "client-fixed":
             config[KEY_CLIPPING_NORM] = self.clip_norm
 
-    def aggregate(self, server_round: int, replies: list[RecordDict], start: dict[str, np.ndarray],
-                  starts: list[dict[str, np.ndarray]] | None = None) -> ArrayRecord:
+    def aggregate(
+        self, server_round: int, replies: list[RecordDict], start: dict[str, np.ndarray], starts: list[dict[str, np.ndarray]] | None = None
+    ) -> ArrayRecord:
         """Clip (server-side modes), average unweighted, add noise: one release.
 
         ``start`` is what the clients started from, per payload key; ``starts``
@@ -139,10 +142,18 @@ class UserDP:
                 if own[k] is not start[k]:  # a lower-rank factor: its update, placed on the common start
                     value = (start[k] + (value.astype(np.float64) - own[k])).astype(np.float32)
                 arrays[k] = Array(value)
-            copies.append(Message(RecordDict({
-                "arrays": ArrayRecord(arrays),
-                "metrics": MetricRecord({UNIT_WEIGHT: 1}),
-            }), dst_node_id=0, message_type="train"))
+            copies.append(
+                Message(
+                    RecordDict(
+                        {
+                            "arrays": ArrayRecord(arrays),
+                            "metrics": MetricRecord({UNIT_WEIGHT: 1}),
+                        }
+                    ),
+                    dst_node_id=0,
+                    message_type="train",
+                )
+            )
         if self.mode == "server-fixed":
             for m in copies:
                 validation.clip_update(m.content, start, self.clip_norm)

@@ -128,11 +128,7 @@ def norm_outliers(norms: dict[int, float], max_ratio: float, earlier: list[float
     else:
         return {}
     bound = max_ratio * median
-    return {
-        node: f"update norm {norm:.4g} is above {max_ratio:g} x {what} {median:.4g}"
-        for node, norm in norms.items()
-        if norm > bound
-    }
+    return {node: f"update norm {norm:.4g} is above {max_ratio:g} x {what} {median:.4g}" for node, norm in norms.items() if norm > bound}
 
 
 def clip_update(content: RecordDict, sent: dict[str, np.ndarray], clip_norm: float) -> float:

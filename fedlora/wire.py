@@ -37,7 +37,7 @@ FINGERPRINT_KEY = "shared-fingerprint"  # the run's shared frozen tensors (see `
 def _clean(name: str) -> str:
     # Opacus' GradSampleModule prefixes parameter names; payload keys never carry it.
     while name.startswith(OPACUS_PREFIX):
-        name = name[len(OPACUS_PREFIX):]
+        name = name[len(OPACUS_PREFIX) :]
     return name
 
 
@@ -48,11 +48,9 @@ def payload_names(model: nn.Module) -> list[str]:
 def to_arrays(model: nn.Module, names: Iterable[str] | None = None) -> ArrayRecord:
     """The payload a node sends: every trainable tensor (or the tensors ``names``), as float32 numpy."""
     keep = set(names) if names is not None else None
-    return ArrayRecord({
-        _clean(n): Array(p.detach().cpu().numpy().copy())
-        for n, p in model.named_parameters()
-        if (p.requires_grad if keep is None else _clean(n) in keep)
-    })
+    return ArrayRecord(
+        {_clean(n): Array(p.detach().cpu().numpy().copy()) for n, p in model.named_parameters() if (p.requires_grad if keep is None else _clean(n) in keep)}
+    )
 
 
 class PayloadError(ValueError):
@@ -81,16 +79,12 @@ def nbytes(arrays: ArrayRecord) -> int:
     return int(sum(len(a.data) for a in arrays.values()))
 
 
-def shared_frozen_names(model: nn.Module, exchange: "Exchange | None" = None) -> list[str]:
+def shared_frozen_names(model: nn.Module, exchange: Exchange | None = None) -> list[str]:
     """Frozen tensors that every node must hold identically but that do not
     travel: LoRA A when frozen (FFA-LoRA; not FedSVD, whose server sends A),
     and the head when frozen."""
     a_sent = exchange is not None and exchange.a_down
-    return [
-        _clean(n)
-        for n, p in model.named_parameters()
-        if not p.requires_grad and ((is_lora_a(n) and not a_sent) or is_lora_b(n) or is_head(n))
-    ]
+    return [_clean(n) for n, p in model.named_parameters() if not p.requires_grad and ((is_lora_a(n) and not a_sent) or is_lora_b(n) or is_head(n))]
 
 
 _SAMPLE = 4096  # values per pretrained tensor that enter the fingerprint
@@ -118,7 +112,7 @@ def _base_digest(model: nn.Module) -> str:
 
 
 @torch.no_grad()
-def fingerprint(model: nn.Module, exchange: "Exchange | None" = None) -> str:
+def fingerprint(model: nn.Module, exchange: Exchange | None = None) -> str:
     """SHA-256 over the shared frozen tensors (names, shapes, float32 bytes) and
     a sample of the pretrained weights."""
     h = hashlib.sha256(_base_digest(model).encode())
@@ -147,7 +141,7 @@ class Exchange:
     base_delta: bool = False  # the server also sends a cumulative update of the frozen base weights
 
     @classmethod
-    def of(cls, model: nn.Module) -> "Exchange":
+    def of(cls, model: nn.Module) -> Exchange:
         """LoRA or FFA-LoRA, read from the model's trainable set."""
         a = any(p.requires_grad for n, p in model.named_parameters() if is_lora_a(n))
         return cls(train_a=a, a_down=a)

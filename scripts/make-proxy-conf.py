@@ -50,9 +50,11 @@ def main_conf(out: Path, includes: list[Path], foreground: bool) -> str:
     head = "daemon off;\nmaster_process off;\n" if foreground else ""
     temp = "".join(f"    {k}_temp_path {out / 'tmp' / k};\n" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     inc = "".join(f"    include {p};\n" for p in includes)
-    return (f"{head}worker_processes 1;\npid {out / 'nginx.pid'};\nerror_log {out / 'error.log'} notice;\n"
-            f"events {{\n    worker_connections 256;\n}}\n"
-            f"http {{\n    access_log {out / 'access.log'};\n{temp}{inc}}}\n")
+    return (
+        f"{head}worker_processes 1;\npid {out / 'nginx.pid'};\nerror_log {out / 'error.log'} notice;\n"
+        f"events {{\n    worker_connections 256;\n}}\n"
+        f"http {{\n    access_log {out / 'access.log'};\n{temp}{inc}}}\n"
+    )
 
 
 def write(out: Path, values: dict[str, str], halves=HALVES, foreground: bool = False) -> Path:
@@ -86,11 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     allow = a.control_allow or ["127.0.0.1"]
     values = {
-        "SUPERLINK_UPSTREAM": a.upstream, "SUPERLINK_TLS_NAME": a.tls_name,
-        "FLEET_LISTEN": a.fleet_listen, "CONTROL_LISTEN": a.control_listen,
+        "SUPERLINK_UPSTREAM": a.upstream,
+        "SUPERLINK_TLS_NAME": a.tls_name,
+        "FLEET_LISTEN": a.fleet_listen,
+        "CONTROL_LISTEN": a.control_listen,
         # One `allow` per address: the template says `allow ${CONTROL_ALLOW};`.
         "CONTROL_ALLOW": ";\n    allow ".join(allow),
-        "TLS_CERT": str(Path(a.cert).resolve()), "TLS_KEY": str(Path(a.key).resolve()), "TLS_CA": str(Path(a.ca).resolve()),
+        "TLS_CERT": str(Path(a.cert).resolve()),
+        "TLS_KEY": str(Path(a.key).resolve()),
+        "TLS_CA": str(Path(a.ca).resolve()),
     }
     halves = ("fleet",) if a.fleet_only else ("control",) if a.control_only else HALVES
     conf = write(a.out.resolve(), values, halves, a.foreground)

@@ -9,7 +9,6 @@ import os
 import random
 
 import numpy as np
-
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -64,8 +63,14 @@ def tiny_model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny-bert")
     tok = AutoTokenizer.from_pretrained(packaged_model_path())
     cfg = BertConfig(
-        vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
     import torch
 
@@ -102,7 +107,12 @@ def reply(node: int, arrays: dict, n: int, **metrics):
     from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
     request = Message(RecordDict({}), dst_node_id=node, message_type="train")
-    return Message(RecordDict({
-        "arrays": ArrayRecord({k: Array(np.asarray(v, np.float32)) for k, v in arrays.items()}),
-        "metrics": MetricRecord({"num-examples": n, **metrics}),
-    }), reply_to=request)
+    return Message(
+        RecordDict(
+            {
+                "arrays": ArrayRecord({k: Array(np.asarray(v, np.float32)) for k, v in arrays.items()}),
+                "metrics": MetricRecord({"num-examples": n, **metrics}),
+            }
+        ),
+        reply_to=request,
+    )

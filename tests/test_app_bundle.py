@@ -12,8 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_the_bundle_holds_the_app_and_not_the_tools():
     from flwr.cli.build import build_fab_from_files
 
-    tracked = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                             capture_output=True, text=True, check=True).stdout.split()
+    tracked = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
     files = {p: (ROOT / p).read_bytes() for p in tracked if (ROOT / p).is_file() and not p.startswith("experiments/results/")}
     fab, _ = build_fab_from_files(files)
     names = set(zipfile.ZipFile(io.BytesIO(fab)).namelist())

@@ -28,13 +28,25 @@ def node_log(caplog):
 
 
 def _setup(tiny_model_dir, task_dir, tmp_path, fingerprint=None):
-    run_config = {"model": tiny_model_dir, "dataset": task_dir, "cache-dir": str(tmp_path), "local-steps": 2,
-                  "batch-size": 8, "num-server-rounds": 1, "dp.epsilon": 2.0}
+    run_config = {
+        "model": tiny_model_dir,
+        "dataset": task_dir,
+        "cache-dir": str(tmp_path),
+        "local-steps": 2,
+        "batch-size": 8,
+        "num-server-rounds": 1,
+        "dp.epsilon": 2.0,
+    }
     server_model = build_model(parse_run_config(run_config), 2, train_lora_a=False)
-    config = ConfigRecord({
-        "strategy": "ffa-lora", "shared-fingerprint": fingerprint or wire.fingerprint(server_model),
-        "label-names": ["0", "1"], "run-key": "run-1", "server-round": 1,
-    })
+    config = ConfigRecord(
+        {
+            "strategy": "ffa-lora",
+            "shared-fingerprint": fingerprint or wire.fingerprint(server_model),
+            "label-names": ["0", "1"],
+            "run-key": "run-1",
+            "server-round": 1,
+        }
+    )
     msg = Message(RecordDict({"arrays": wire.to_arrays(server_model), "config": config}), dst_node_id=7, message_type="train")
     ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(), run_config=run_config)
     return msg, ctx
@@ -64,8 +76,11 @@ def test_train_replies_with_b_only_and_persists_the_ledger(tiny_model_dir, task_
     with pytest.raises(Exception, match="privacy budget exhausted"):
         client_app.train(msg, ctx)
     # So is the next round.
-    msg2 = Message(RecordDict({"arrays": reply.content["arrays"], "config": ConfigRecord({**dict(msg.content["config"]), "server-round": 2})}),
-                   dst_node_id=7, message_type="train")
+    msg2 = Message(
+        RecordDict({"arrays": reply.content["arrays"], "config": ConfigRecord({**dict(msg.content["config"]), "server-round": 2})}),
+        dst_node_id=7,
+        message_type="train",
+    )
     with pytest.raises(Exception, match="privacy budget exhausted"):
         client_app.train(msg2, ctx)
 
@@ -74,8 +89,9 @@ def test_train_refuses_on_a_foreign_shared_init(tiny_model_dir, task_dir, tmp_pa
     msg, ctx = _setup(tiny_model_dir, task_dir, tmp_path, fingerprint="0" * 64)
     with pytest.raises(node_errors.NodeError, match="E_FINGERPRINT"):
         client_app.train(msg, ctx)
-    assert any(isinstance(r.exc_info[1], node.FingerprintMismatch) and "refusing to train" in str(r.exc_info[1])
-               for r in node_log.records if r.exc_info)  # the details stay in the node's log
+    assert any(
+        isinstance(r.exc_info[1], node.FingerprintMismatch) and "refusing to train" in str(r.exc_info[1]) for r in node_log.records if r.exc_info
+    )  # the details stay in the node's log
 
 
 def test_an_error_sent_to_the_server_carries_a_code_not_the_nodes_data(tiny_model_dir, task_dir, tmp_path, node_log):

@@ -23,7 +23,9 @@ def _grid_file(tmp_path, text: str) -> str:
 
 def test_grid_file_union_rules_flags_and_names(tmp_path, monkeypatch):
     monkeypatch.setenv("MY_DATA", "/data/here")
-    path = _grid_file(tmp_path, """
+    path = _grid_file(
+        tmp_path,
+        """
 output-dir = "out"
 [base]
 dataset = "$MY_DATA/sst2"
@@ -38,12 +40,16 @@ strategy = ["ffa-lora"]
 [[rules]]
 when = { strategy = "ffa-lora" }
 set = { learning-rate = 8.0 }
-""")
+""",
+    )
     grid = load_grid(path, sets=["local-steps=3"], grids=[])
     specs = expand(grid)
     names = [s.name for s in specs]
     assert names == [
-        "seed=0__strategy=lora", "seed=0__strategy=ffa-lora", "seed=1__strategy=lora", "seed=1__strategy=ffa-lora",
+        "seed=0__strategy=lora",
+        "seed=0__strategy=ffa-lora",
+        "seed=1__strategy=lora",
+        "seed=1__strategy=ffa-lora",
         "seed=0__strategy=ffa-lora__dp.epsilon=1",
     ]
     by_name = {s.name: s for s in specs}
@@ -73,14 +79,17 @@ def test_flag_values_read_as_toml():
     assert parse_value('"x"') == "x" and parse_value("ffa-lora") == "ffa-lora"
 
 
-@pytest.mark.parametrize("text, message", [
-    ('output-dir = "o"\n[grid]\nno-such-key = [1]\n', "unknown run-config key 'no-such-key'"),
-    ('output-dir = "o"\n[base]\nbatch-size = 0\n', "batch-size"),
-    ('output-dir = "o"\n[grid]\nseed = []\n', "non-empty list"),
-    ('[grid]\nseed = [1]\n', "no output directory"),
-    ('output-dir = "o"\nsurprise = 1\n', "unknown top-level key 'surprise'"),
-    ('output-dir = "o"\n[[rules]]\nwhen = {seed = 1}\n', "exactly 'when' and 'set'"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('output-dir = "o"\n[grid]\nno-such-key = [1]\n', "unknown run-config key 'no-such-key'"),
+        ('output-dir = "o"\n[base]\nbatch-size = 0\n', "batch-size"),
+        ('output-dir = "o"\n[grid]\nseed = []\n', "non-empty list"),
+        ("[grid]\nseed = [1]\n", "no output directory"),
+        ('output-dir = "o"\nsurprise = 1\n', "unknown top-level key 'surprise'"),
+        ('output-dir = "o"\n[[rules]]\nwhen = {seed = 1}\n', "exactly 'when' and 'set'"),
+    ],
+)
 def test_bad_grids_name_the_problem(tmp_path, text, message):
     with pytest.raises(GridError, match=message):
         expand(load_grid(_grid_file(tmp_path, text)))
@@ -101,12 +110,14 @@ def _rows(path):
 
 
 def test_grid_runs_skips_resumes_and_refuses_changed_config(tmp_path, task_dir, tiny_model_dir):
-    grid = _grid_file(tmp_path, f"""
-output-dir = "{tmp_path / 'grid'}"
+    grid = _grid_file(
+        tmp_path,
+        f"""
+output-dir = "{tmp_path / "grid"}"
 [base]
 dataset = "{task_dir}"
 model = "{tiny_model_dir}"
-cache-dir = "{tmp_path / 'cache'}"
+cache-dir = "{tmp_path / "cache"}"
 num-partitions = 2
 num-server-rounds = 3
 local-steps = 4
@@ -114,11 +125,18 @@ batch-size = 16
 learning-rate = 0.5
 [grid]
 strategy = ["lora", "ffa-lora"]
-""")
+""",
+    )
     # Interrupt the grid inside round 2 of the first run: once it has checkpointed
     # round 1 and a node has sent its round-2 update (the hard case for DP ledgers).
-    proc = subprocess.Popen([sys.executable, "-m", "fedlora.tools.cli", "compare", grid], cwd=tmp_path, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedlora.tools.cli", "compare", grid],
+        cwd=tmp_path,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     first = tmp_path / "grid" / "strategy=lora"
 
     def sent_round_2():
@@ -166,18 +184,21 @@ strategy = ["lora", "ffa-lora"]
 
 
 def test_a_failing_run_is_reported_and_the_grid_goes_on(tmp_path, task_dir, tiny_model_dir):
-    grid = _grid_file(tmp_path, f"""
-output-dir = "{tmp_path / 'grid'}"
+    grid = _grid_file(
+        tmp_path,
+        f"""
+output-dir = "{tmp_path / "grid"}"
 [base]
 model = "{tiny_model_dir}"
-cache-dir = "{tmp_path / 'cache'}"
+cache-dir = "{tmp_path / "cache"}"
 num-partitions = 2
 num-server-rounds = 1
 local-steps = 2
 batch-size = 16
 [grid]
-dataset = ["{tmp_path / 'missing'}", "{task_dir}"]
-""")
+dataset = ["{tmp_path / "missing"}", "{task_dir}"]
+""",
+    )
     out = _compare(grid, cwd=tmp_path)
     assert out.returncode == 1
     assert "FAILED dataset=" in out.stderr and "1/2 runs complete" in out.stdout

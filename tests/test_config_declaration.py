@@ -35,8 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _python(code: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=ROOT, env=env,
-                          timeout=300)
+    return subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
 
 
 # -- the declaration -------------------------------------------------------------
@@ -66,8 +65,7 @@ def test_the_field_defaults_are_what_parsing_the_defaults_gives(monkeypatch):
 
 
 def test_choices_are_str_enums_that_read_as_plain_strings():
-    run = parse_run_config({"aggregation.method": " trimmed-mean ", "user-dp.mode": "client-fixed",
-                            "tracking.backends": "wandb, none, wandb,mlflow"})
+    run = parse_run_config({"aggregation.method": " trimmed-mean ", "user-dp.mode": "client-fixed", "tracking.backends": "wandb, none, wandb,mlflow"})
     assert run.aggregation is Aggregation.TRIMMED_MEAN and run.aggregation == "trimmed-mean"
     assert run.user_dp.mode is UserDPMode.CLIENT_FIXED and run.user_dp.enabled
     assert run.tracking.backends == (Tracker.WANDB, Tracker.MLFLOW) == ("wandb", "mlflow")
@@ -115,12 +113,10 @@ def test_configuration_doc_is_generated_from_the_declaration():
 
 
 def test_python_m_fedlora_config_prints_the_doc():
-    out = subprocess.run([sys.executable, "-m", "fedlora.config", "--markdown"], check=False, capture_output=True,
-                         text=True, cwd=ROOT, timeout=300)
+    out = subprocess.run([sys.executable, "-m", "fedlora.config", "--markdown"], check=False, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout == (ROOT / "docs" / "CONFIGURATION.md").read_text()
-    bad = subprocess.run([sys.executable, "-m", "fedlora.config"], check=False, capture_output=True, text=True,
-                         cwd=ROOT, timeout=300)
+    bad = subprocess.run([sys.executable, "-m", "fedlora.config"], check=False, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert bad.returncode == 2 and "--markdown" in bad.stderr
 
 
@@ -154,8 +150,7 @@ def test_every_strategy_module_is_imported_and_its_class_registered_and_exported
     classes = set()
     for info in pkgutil.iter_modules(package.__path__):
         module = importlib.import_module(f"fedlora.strategies.{info.name}")
-        classes |= {c for _, c in inspect.getmembers(module, inspect.isclass)
-                    if issubclass(c, FedLoraStrategy) and c.__module__ == module.__name__ and c.name}
+        classes |= {c for _, c in inspect.getmembers(module, inspect.isclass) if issubclass(c, FedLoraStrategy) and c.__module__ == module.__name__ and c.name}
     assert classes and classes == set(STRATEGIES.values())
     for cls in classes:
         assert STRATEGIES[cls.name] is cls is get_strategy(cls.name) is getattr(package, cls.__name__)
@@ -181,6 +176,7 @@ def test_a_new_subclass_registers_itself_and_its_name_is_a_valid_strategy(monkey
 
     assert STRATEGY_REGISTRY["lora"] is LoraStrategy
     with pytest.raises(TypeError, match="taken"):
+
         class Clash(FedLoraStrategy):
             name = "lora"
 
@@ -200,8 +196,7 @@ def test_merge_hook_and_the_start_it_needs():
     # Without a hook the merge is the start with the aggregated tensors replaced, the arrays as they were.
     plain = LoraStrategy(payload_shapes={kb: (2, 1)}, fingerprint="x")
     head = Array(np.zeros(3, np.float64))
-    plain.current = ArrayRecord({ka: Array(np.zeros((1, 2), np.float32)), kb: Array(np.zeros((2, 1), np.float32)),
-                                 "head": head})
+    plain.current = ArrayRecord({ka: Array(np.zeros((1, 2), np.float32)), kb: Array(np.zeros((2, 1), np.float32)), "head": head})
     merged = plain.merge(agg, [])
     assert list(merged.keys()) == [ka, kb, "head"]
     assert merged[kb].data == agg[kb].data and merged["head"].dtype == head.dtype and merged["head"].data == head.data

@@ -7,10 +7,11 @@ from collections import Counter
 import datasets
 import pytest
 
-from conftest import make_rows, write_jsonl
 from fedlora import data as data_mod
 from fedlora.config import ConfigError, parse_run_config
 from fedlora.model import load_tokenizer
+
+from conftest import make_rows, write_jsonl
 
 
 def _cfg(**overrides):
@@ -20,7 +21,11 @@ def _cfg(**overrides):
 def test_local_directory_in_each_format(tmp_path):
     rows = make_rows(40, seed=0)
     ds = datasets.Dataset.from_list(rows)
-    for ext, writer in (("jsonl", lambda d, p: write_jsonl(p, list(d))), ("csv", lambda d, p: d.to_csv(p, index=False)), ("parquet", lambda d, p: d.to_parquet(p))):
+    for ext, writer in (
+        ("jsonl", lambda d, p: write_jsonl(p, list(d))),
+        ("csv", lambda d, p: d.to_csv(p, index=False)),
+        ("parquet", lambda d, p: d.to_parquet(p)),
+    ):
         d = tmp_path / ext
         d.mkdir()
         writer(ds, str(d / f"train.{ext}"))

@@ -103,8 +103,10 @@ class Network:
         self.control_addr, self.internal = self.addr["superlink"], f"{base}.9"
         p = 20000 + secrets.randbelow(20000)
         self.port = {k: p + i for i, k in enumerate(self.port)}
-        msg = (f"NETWORK NAMESPACES NOT USED ({str(why).strip()[:200]}): every process runs on this host, "
-               f"bound to its own loopback address ({base}.x), not on separate network hosts")
+        msg = (
+            f"NETWORK NAMESPACES NOT USED ({str(why).strip()[:200]}): every process runs on this host, "
+            f"bound to its own loopback address ({base}.x), not on separate network hosts"
+        )
         print(f"\n!!! {msg}", file=sys.stderr)
         warnings.warn(msg, stacklevel=2)
 
@@ -172,7 +174,9 @@ class Processes:
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
             "FLWR_DISABLE_UPDATE_CHECK": "1",
             "FEDLORA_CACHE_DIR": str(home / "cache"),
-            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
             MARKER: f"{self.token}:{host}",
             **extra,
         }
@@ -184,8 +188,13 @@ class Processes:
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "wb") as out:
             proc = subprocess.Popen(
-                [*self.net.prefix(host), *argv], env=self.env(host), cwd=self.workdir / host,
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                [*self.net.prefix(host), *argv],
+                env=self.env(host),
+                cwd=self.workdir / host,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
         self.popens.append(proc)
         self.logs[name] = log
@@ -194,8 +203,12 @@ class Processes:
     def cli(self, *args: str, timeout: float = 120, host: str = "operator") -> subprocess.CompletedProcess:
         """The `flwr` CLI on a host: the operator's unless ``host`` says otherwise."""
         return subprocess.run(
-            [*self.net.prefix(host), str(BIN / "flwr"), *args], env=self.env(host), cwd=ROOT,
-            capture_output=True, text=True, timeout=timeout,
+            [*self.net.prefix(host), str(BIN / "flwr"), *args],
+            env=self.env(host),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
 
     def marked(self, host: str | None = None) -> list[int]:
@@ -260,7 +273,7 @@ def _json(stdout: str) -> dict:
     """The JSON document of a `flwr ... --format json` call; {} when the call
     failed (the CLI exits 0 then too, with "success": false)."""
     try:
-        doc = json.loads(stdout[stdout.index("{"):])
+        doc = json.loads(stdout[stdout.index("{") :])
     except ValueError:
         return {}
     return doc if doc.get("success") else {}
@@ -294,35 +307,70 @@ class Federation:
         # listening on its host's loopback only: its one port serves every API.
         sl = self.home("superlink")
         (sl / "superexec.secret").write_bytes(secrets.token_bytes(32))
-        self.procs.start("superlink", "superlink", [
-            str(BIN / "flower-superlink"), "--host", net.internal, "--port", str(port["superlink"]),
-            "--ssl-ca-certfile", str(self.tls / "ca.crt"), "--ssl-certfile", str(self.tls / "superlink.crt"),
-            "--ssl-keyfile", str(self.tls / "superlink.key"), "--enable-supernode-auth",
-            "--isolation", "process", "--database", str(sl / "state.db"),
-            "--superexec-auth-secret-file", str(sl / "superexec.secret"),
-        ])
-        self.procs.start("superexec-server", "superlink", [
-            str(BIN / "flower-superexec"), "--runtime-api-address", internal,
-            "--root-certificates", str(self.tls / "ca.crt"), "--superexec-auth-secret-file", str(sl / "superexec.secret"),
-        ])
+        self.procs.start(
+            "superlink",
+            "superlink",
+            [
+                str(BIN / "flower-superlink"),
+                "--host",
+                net.internal,
+                "--port",
+                str(port["superlink"]),
+                "--ssl-ca-certfile",
+                str(self.tls / "ca.crt"),
+                "--ssl-certfile",
+                str(self.tls / "superlink.crt"),
+                "--ssl-keyfile",
+                str(self.tls / "superlink.key"),
+                "--enable-supernode-auth",
+                "--isolation",
+                "process",
+                "--database",
+                str(sl / "state.db"),
+                "--superexec-auth-secret-file",
+                str(sl / "superexec.secret"),
+            ],
+        )
+        self.procs.start(
+            "superexec-server",
+            "superlink",
+            [
+                str(BIN / "flower-superexec"),
+                "--runtime-api-address",
+                internal,
+                "--root-certificates",
+                str(self.tls / "ca.crt"),
+                "--superexec-auth-secret-file",
+                str(sl / "superexec.secret"),
+            ],
+        )
         # The proxy on the server host: the Fleet API on the client network, the Control API
         # on the operator's network for the operator's address only (everyone shares one
         # source address, 127.0.0.1, in loopback mode).
-        conf = PROXY_CONF["write"](sl / "proxy", {
-            "SUPERLINK_UPSTREAM": internal, "SUPERLINK_TLS_NAME": "superlink",
-            "FLEET_LISTEN": f"{net.addr['superlink']}:{port['fleet']}",
-            "CONTROL_LISTEN": f"{net.control_addr}:{port['control']}",
-            "CONTROL_ALLOW": net.addr["operator"] if net.mode == "namespaces" else "127.0.0.0/8",
-            "TLS_CERT": str(self.tls / "superlink.crt"), "TLS_KEY": str(self.tls / "superlink.key"),
-            "TLS_CA": str(self.tls / "ca.crt"),
-        }, foreground=True)
-        self.procs.start("proxy", "superlink", [NGINX, "-p", str(conf.parent), "-c", str(conf),
-                                                "-e", str(conf.parent / "error.log")])
+        conf = PROXY_CONF["write"](
+            sl / "proxy",
+            {
+                "SUPERLINK_UPSTREAM": internal,
+                "SUPERLINK_TLS_NAME": "superlink",
+                "FLEET_LISTEN": f"{net.addr['superlink']}:{port['fleet']}",
+                "CONTROL_LISTEN": f"{net.control_addr}:{port['control']}",
+                "CONTROL_ALLOW": net.addr["operator"] if net.mode == "namespaces" else "127.0.0.0/8",
+                "TLS_CERT": str(self.tls / "superlink.crt"),
+                "TLS_KEY": str(self.tls / "superlink.key"),
+                "TLS_CA": str(self.tls / "ca.crt"),
+            },
+            foreground=True,
+        )
+        self.procs.start("proxy", "superlink", [NGINX, "-p", str(conf.parent), "-c", str(conf), "-e", str(conf.parent / "error.log")])
 
         # Operator: its Flower config names the SuperLink's Control listener and trusts the deployment's CA.
         self.write_flwr_config("operator", {CONNECTION: f"{net.control_addr}:{port['control']}"})
-        _wait("the SuperLink's Control API", lambda: bool(_json(self.procs.cli("supernode", "ls", CONNECTION, "--format", "json").stdout)),
-              60, lambda: self.procs.tail("superlink") + "\n" + self.procs.tail("proxy") + (sl / "proxy" / "error.log").read_text()[-2000:])
+        _wait(
+            "the SuperLink's Control API",
+            lambda: bool(_json(self.procs.cli("supernode", "ls", CONNECTION, "--format", "json").stdout)),
+            60,
+            lambda: self.procs.tail("superlink") + "\n" + self.procs.tail("proxy") + (sl / "proxy" / "error.log").read_text()[-2000:],
+        )
 
         # Register the three SuperNodes' public keys (not the intruder's).
         for name in NODES:
@@ -332,8 +380,12 @@ class Federation:
 
         for name in NODES:
             self.start_node(name)
-        _wait("three SuperNodes online", lambda: self.online() == set(self.node_ids.values()), 90,
-              lambda: "\n".join(self.procs.tail(n) for n in ("superlink", *NODES)))
+        _wait(
+            "three SuperNodes online",
+            lambda: self.online() == set(self.node_ids.values()),
+            90,
+            lambda: "\n".join(self.procs.tail(n) for n in ("superlink", *NODES)),
+        )
 
     def write_flwr_config(self, host: str, connections: dict[str, str]) -> None:
         """A host's Flower config: SuperLink connections by name, all trusting the deployment's CA."""
@@ -352,8 +404,16 @@ class Federation:
         # One certificate for the SuperLink and the proxy: every address clients, the operator
         # and the server-side SuperExec use, and the name the proxy checks ("superlink").
         net = self.net
-        run(str(ROOT / "scripts" / "make-certs.sh"), "-o", str(self.tls), "-n", "superlink", net.addr["superlink"],
-            *sorted({net.control_addr, net.internal} - {net.addr["superlink"]}), "superlink")
+        run(
+            str(ROOT / "scripts" / "make-certs.sh"),
+            "-o",
+            str(self.tls),
+            "-n",
+            "superlink",
+            net.addr["superlink"],
+            *sorted({net.control_addr, net.internal} - {net.addr["superlink"]}),
+            "superlink",
+        )
         for name in (*NODES, INTRUDER):
             run(str(ROOT / "scripts" / "make-certs.sh"), "-o", str(self.tls), "-n", name, self.net.addr[name])
             run(str(ROOT / "scripts" / "make-node-keys.sh"), "-o", str(self.home(name) / "keys"), name)
@@ -365,14 +425,29 @@ class Federation:
         if not data.exists():  # the node's own private data, on its own host
             write_jsonl(data, make_rows(NODE_SIZES.get(name, 60), seed=sum(map(ord, name))))
         argv = [
-            str(BIN / "flower-supernode"), "--superlink", f"{self.net.addr['superlink']}:{fleet}",
-            "--root-certificates", str(self.tls / "ca.crt"),
-            "--node-config", f'data-path="{data}"',
-            "--isolation", "process", "--host", addr, "--port", str(runtime),
-            "--ssl-certfile", str(self.tls / f"{name}.crt"), "--ssl-keyfile", str(self.tls / f"{name}.key"),
-            "--ssl-ca-certfile", str(self.tls / "ca.crt"),
-            "--superexec-auth-secret-file", str(home / "superexec.secret"),
-            "--max-retries", "3",
+            str(BIN / "flower-supernode"),
+            "--superlink",
+            f"{self.net.addr['superlink']}:{fleet}",
+            "--root-certificates",
+            str(self.tls / "ca.crt"),
+            "--node-config",
+            f'data-path="{data}"',
+            "--isolation",
+            "process",
+            "--host",
+            addr,
+            "--port",
+            str(runtime),
+            "--ssl-certfile",
+            str(self.tls / f"{name}.crt"),
+            "--ssl-keyfile",
+            str(self.tls / f"{name}.key"),
+            "--ssl-ca-certfile",
+            str(self.tls / "ca.crt"),
+            "--superexec-auth-secret-file",
+            str(home / "superexec.secret"),
+            "--max-retries",
+            "3",
         ]
         if with_key:
             argv += ["--auth-supernode-private-key", str(home / "keys" / name)]
@@ -383,10 +458,19 @@ class Federation:
         if not (home / "superexec.secret").exists():
             (home / "superexec.secret").write_bytes(secrets.token_bytes(32))
         proc = self.procs.start(name, name, self.node_argv(name))
-        self.procs.start(f"superexec-{name}", name, [
-            str(BIN / "flower-superexec"), "--runtime-api-address", f"{self.net.addr[name]}:{self.net.port['runtime']}",
-            "--root-certificates", str(self.tls / "ca.crt"), "--superexec-auth-secret-file", str(home / "superexec.secret"),
-        ])
+        self.procs.start(
+            f"superexec-{name}",
+            name,
+            [
+                str(BIN / "flower-superexec"),
+                "--runtime-api-address",
+                f"{self.net.addr[name]}:{self.net.port['runtime']}",
+                "--root-certificates",
+                str(self.tls / "ca.crt"),
+                "--superexec-auth-secret-file",
+                str(home / "superexec.secret"),
+            ],
+        )
         return proc
 
     def nodes(self) -> list[dict]:
@@ -409,11 +493,20 @@ class Federation:
         if not eval_dir.exists():  # the server's own evaluation set: it never sees a node's data
             write_task(eval_dir, 40, 60)
         pairs = [
-            f'model="{self.model}"', f'dataset="{eval_dir}"', f'output-dir="{server / "outputs"}"', f'run-name="{name}"',
-            'strategy="ffa-lora"', "dp.epsilon=3.0", f"num-server-rounds={rounds}", "local-steps=2", "batch-size=16",
+            f'model="{self.model}"',
+            f'dataset="{eval_dir}"',
+            f'output-dir="{server / "outputs"}"',
+            f'run-name="{name}"',
+            'strategy="ffa-lora"',
+            "dp.epsilon=3.0",
+            f"num-server-rounds={rounds}",
+            "local-steps=2",
+            "batch-size=16",
             # The server trains once 2 nodes are connected and samples all connected ones;
             # a round needs 2 training nodes and updates the adapter with >= 1 reply.
-            "min-train-nodes=2", "min-replies=1", *extra,
+            "min-train-nodes=2",
+            "min-replies=1",
+            *extra,
         ]
         args = ["run", str(ROOT), CONNECTION, "--format", "json"]
         for kv in pairs:
@@ -434,8 +527,7 @@ class Federation:
             state["status"] = self.status(run_id)
             return state["status"].startswith("finished")
 
-        _wait(f"run {run_id} to finish", done, timeout,
-              lambda: "\n".join(self.procs.tail(n) for n in ("superexec-server", "superlink", *NODES)), every=4)
+        _wait(f"run {run_id} to finish", done, timeout, lambda: "\n".join(self.procs.tail(n) for n in ("superexec-server", "superlink", *NODES)), every=4)
         return state["status"]
 
     def metrics(self, name: str) -> list[dict]:
@@ -547,8 +639,7 @@ def test_client_hosts_cannot_start_runs_or_register_nodes(federation, record_pro
 
     # Its ways in: the address its SuperNode uses (the proxy's Fleet listener), the SuperLink's
     # own port on that host, and the operator's Control listener (on another network).
-    ways = {"fleet": (f"{net.addr['superlink']}:{port['fleet']}", REFUSED),
-            "direct": (f"{net.addr['superlink']}:{port['superlink']}", UNAVAILABLE)}
+    ways = {"fleet": (f"{net.addr['superlink']}:{port['fleet']}", REFUSED), "direct": (f"{net.addr['superlink']}:{port['superlink']}", UNAVAILABLE)}
     if net.mode == "namespaces":  # in loopback mode every address is reachable by every process
         ways["control"] = (f"{net.control_addr}:{port['control']}", UNAVAILABLE)
     fed.write_flwr_config(org, {name: addr for name, (addr, _) in ways.items()})
@@ -563,7 +654,8 @@ def test_client_hosts_cannot_start_runs_or_register_nodes(federation, record_pro
             out = fed.procs.cli(*args, host=org)
             said = " ".join(re.sub(r"[│╭╮╰╯─]", " ", out.stdout + out.stderr).split())  # the CLI's error box, unwrapped
             assert out.returncode != 0 and expect in said, (
-                f"`flwr {args[0]}` from {org} via {connection}: exit {out.returncode}\n{out.stdout[-1500:]}\n{out.stderr[-1500:]}")
+                f"`flwr {args[0]}` from {org} via {connection}: exit {out.returncode}\n{out.stdout[-1500:]}\n{out.stderr[-1500:]}"
+            )
 
     for connection, (_, expect) in ways.items():
         refused(connection, expect)
@@ -571,8 +663,7 @@ def test_client_hosts_cannot_start_runs_or_register_nodes(federation, record_pro
         # Even routed through the SuperLink host (which accepts packets for any of its addresses),
         # the Control listener serves the operator's address only.
         route = [*net.prefix(org), "ip", "route"]
-        subprocess.run([*route, "add", f"{net.control_addr.rsplit('.', 1)[0]}.0/24", "via", net.addr["superlink"]],
-                       check=True, capture_output=True, timeout=30)
+        subprocess.run([*route, "add", f"{net.control_addr.rsplit('.', 1)[0]}.0/24", "via", net.addr["superlink"]], check=True, capture_output=True, timeout=30)
         try:
             refused("control", "the Control API is for the federation operator only")
         finally:
@@ -580,11 +671,26 @@ def test_client_hosts_cannot_start_runs_or_register_nodes(federation, record_pro
 
     # On the Fleet listener only plain Fleet calls pass (the SuperLink then wants a registered
     # node's signature: 401); the Control and Runtime APIs, /docs and path tricks are refused.
-    fleet_call, others = "/v1/fleet/get-run", [
-        "/v1/control/start-run", "/v1/control/register-node", "/v1/control/list-runs", "/v1/runtime/acquire-task",
-        "/v1/fleet/..%2Fcontrol/list-runs", "/v1/fleet/%2e%2e/control/list-runs", "/v1/fleet/get-run?x=1", "/docs"]
-    out = subprocess.run([*net.prefix(org), sys.executable, "-c", PROBE, f"https://{ways['fleet'][0]}", str(fed.tls / "ca.crt"),
-                          fleet_call, *others], env=fed.procs.env(org), capture_output=True, text=True, timeout=120)
+    fleet_call, others = (
+        "/v1/fleet/get-run",
+        [
+            "/v1/control/start-run",
+            "/v1/control/register-node",
+            "/v1/control/list-runs",
+            "/v1/runtime/acquire-task",
+            "/v1/fleet/..%2Fcontrol/list-runs",
+            "/v1/fleet/%2e%2e/control/list-runs",
+            "/v1/fleet/get-run?x=1",
+            "/docs",
+        ],
+    )
+    out = subprocess.run(
+        [*net.prefix(org), sys.executable, "-c", PROBE, f"https://{ways['fleet'][0]}", str(fed.tls / "ca.crt"), fleet_call, *others],
+        env=fed.procs.env(org),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout)
     assert got[fleet_call][0] == 401 and REFUSED not in got[fleet_call][1], got[fleet_call]
@@ -630,8 +736,7 @@ def test_node_killed_mid_round_run_goes_on(federation, record_property):
     # gives up on a silent node after 2 missed heartbeats (2 x 30 s in Flower 1.42).
     run_id = fed.run("node-killed", 2, "round-timeout=60")
     # Round 1 is under way and the victim holds its task: the whole host dies.
-    _wait("node-3 to receive its round-1 task", lambda: received() > start, 200,
-          lambda: fed.procs.tail(victim) + fed.procs.tail("superexec-server"), every=0.5)
+    _wait("node-3 to receive its round-1 task", lambda: received() > start, 200, lambda: fed.procs.tail(victim) + fed.procs.tail("superexec-server"), every=0.5)
     fed.procs.kill_host(victim)
     assert fed.wait_finished(run_id, 300) == "finished:completed", fed.procs.tail("superexec-server", 80)
 

@@ -53,6 +53,7 @@ def _example_env() -> dict[str, str]:
 
 def _interpolate(value: str, env: dict[str, str]) -> str:
     """Compose's ${VAR}, ${VAR:-default} and ${VAR:?error}, from ``env``."""
+
     def sub(m: re.Match) -> str:
         name, op, arg = m.group(1), m.group(2) or "", m.group(3) or ""
         if name in env:
@@ -60,6 +61,7 @@ def _interpolate(value: str, env: dict[str, str]) -> str:
         if op == ":-":
             return arg
         raise AssertionError(f"${{{name}}} is required and unset: {arg}")
+
     return re.sub(r"\$\{(\w+)(?:(:-|:\?)([^}]*))?\}", sub, value)
 
 
@@ -73,6 +75,7 @@ def _load(name: str, env: dict[str, str] | None = None) -> dict:
         if isinstance(x, list):
             return [walk(v) for v in x]
         return _interpolate(x, env) if isinstance(x, str) else x
+
     return walk(doc)
 
 
@@ -294,9 +297,12 @@ def test_setup_script_creates_every_file_the_compose_file_mounts(tmp_path, compo
     if compose in SERVER_SIDE:
         # The SuperLink's certificate (the proxies present it too) names what SuperNodes dial,
         # what the proxies check ("superlink") and the operator's loopback / SSH-tunnel address.
-        sans = subprocess.run(["openssl", "x509", "-in", str(tmp_path / "certs/superlink.crt"), "-noout", "-ext", "subjectAltName"],
-                              capture_output=True, text=True).stdout
-        assert {"DNS:superlink", "DNS:superlink-fleet", "DNS:localhost", "IP Address:127.0.0.1"} <= set(re.split(r",\s*", sans.strip().splitlines()[-1].strip()))
+        sans = subprocess.run(
+            ["openssl", "x509", "-in", str(tmp_path / "certs/superlink.crt"), "-noout", "-ext", "subjectAltName"], capture_output=True, text=True
+        ).stdout
+        assert {"DNS:superlink", "DNS:superlink-fleet", "DNS:localhost", "IP Address:127.0.0.1"} <= set(
+            re.split(r",\s*", sans.strip().splitlines()[-1].strip())
+        )
     if compose == "server.compose.yml":
         assert "DNS:fl.example.org" in sans and "203.0.113.10" in sans
 
@@ -304,12 +310,24 @@ def test_setup_script_creates_every_file_the_compose_file_mounts(tmp_path, compo
 def test_deployment_secrets_and_data_stay_out_of_the_app_bundle():
     from flwr.cli.build import build_fab_from_files
 
-    private = ["docker/data/supernode-1/train.jsonl", "docker/data/server/validation.json", "docker/keys/supernode-1",
-               "docker/certs/superlink.key", "docker/secrets/superlink.secret", "docker/client.env"]
+    private = [
+        "docker/data/supernode-1/train.jsonl",
+        "docker/data/server/validation.json",
+        "docker/keys/supernode-1",
+        "docker/certs/superlink.key",
+        "docker/secrets/superlink.secret",
+        "docker/client.env",
+    ]
     files = {p: b'{"text": "private", "label": 0}\n' for p in private}
-    files.update({"pyproject.toml": (ROOT / "pyproject.toml").read_bytes(), ".gitignore": (ROOT / ".gitignore").read_bytes(),
-                  "docker/compose.yml": (DOCKER / "compose.yml").read_bytes(),
-                  "README.md": b"# app", "experiments/results/run/metrics.jsonl": b"{}\n"})
+    files.update(
+        {
+            "pyproject.toml": (ROOT / "pyproject.toml").read_bytes(),
+            ".gitignore": (ROOT / ".gitignore").read_bytes(),
+            "docker/compose.yml": (DOCKER / "compose.yml").read_bytes(),
+            "README.md": b"# app",
+            "experiments/results/run/metrics.jsonl": b"{}\n",
+        }
+    )
     files.update({str(f.relative_to(ROOT)): f.read_bytes() for f in (ROOT / "fedlora").rglob("*.py")})  # the real package
     fab, _ = build_fab_from_files(files)
     names = set(zipfile.ZipFile(io.BytesIO(fab)).namelist())
@@ -370,8 +388,7 @@ def test_superlink_sits_behind_the_proxies_on_an_internal_network(name):
         assert template_vars(TEMPLATES[half].read_text()) <= set(env), f"{sname}: template variables without a value"
         assert env["SUPERLINK_UPSTREAM"] == f"superlink:{port}" and env["SUPERLINK_TLS_NAME"] == "superlink"
         mounted = {dst: src for src, dst in _bind_mounts(s)}
-        assert {env["TLS_CERT"]: "./certs/superlink.crt", env["TLS_KEY"]: "./certs/superlink.key",
-                env["TLS_CA"]: "./certs/ca.crt"}.items() <= mounted.items()
+        assert {env["TLS_CERT"]: "./certs/superlink.crt", env["TLS_KEY"]: "./certs/superlink.key", env["TLS_CA"]: "./certs/ca.crt"}.items() <= mounted.items()
         assert set(s["networks"]) & set(superlink["networks"]), f"{sname} cannot reach the SuperLink"
     ctl_nets = set(proxies["control"][1]["networks"])
     for sname, s in _flower(services).items():
@@ -381,7 +398,7 @@ def test_superlink_sits_behind_the_proxies_on_an_internal_network(name):
             assert _flag(s, "--superlink") == f"superlink-fleet:{proxies['fleet'][1]['environment']['FLEET_LISTEN']}"
             assert not set(s["networks"]) & (ctl_nets | set(superlink["networks"])), sname
     if name == "server.compose.yml":  # client hosts dial the published Fleet port
-        (_, host_port, _), = _published(proxies["fleet"][1])
+        ((_, host_port, _),) = _published(proxies["fleet"][1])
         assert _example_env()["SUPERLINK_ADDRESS"].rsplit(":", 1)[1] == str(host_port)
 
 
@@ -399,7 +416,7 @@ def _locations(text: str) -> list[tuple[str, str]]:
         while depth:
             depth += {"{": 1, "}": -1}.get(text[j], 0)
             j += 1
-        out.append((m.group(1), text[m.end():j - 1]))
+        out.append((m.group(1), text[m.end() : j - 1]))
         i = j
     return out
 
@@ -447,8 +464,7 @@ class _StandIn(BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802
         self.hits.append(self.path)
         self.rfile.read(int(self.headers.get("content-length") or 0))
-        body = json.dumps({"path": self.path, "host": self.headers["host"],
-                           "proto": self.headers.get("x-forwarded-proto")}).encode()
+        body = json.dumps({"path": self.path, "host": self.headers["host"], "proto": self.headers.get("x-forwarded-proto")}).encode()
         self.send_response(200)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(body)))
@@ -465,8 +481,9 @@ def proxy(tmp_path):
     run in front of a stand-in SuperLink (TLS, certificate for "superlink")."""
     nginx = _nginx()
     pki = tmp_path / "pki"
-    subprocess.run([str(ROOT / "scripts" / "make-certs.sh"), "-o", str(pki), "-n", "superlink", "superlink", "127.0.0.1"],
-                   check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [str(ROOT / "scripts" / "make-certs.sh"), "-o", str(pki), "-n", "superlink", "superlink", "127.0.0.1"], check=True, capture_output=True, timeout=60
+    )
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(pki / "superlink.crt", pki / "superlink.key")
     _StandIn.hits = []
@@ -478,10 +495,17 @@ def proxy(tmp_path):
 
     def start(out: str, **over: str) -> dict:
         ports = {"fleet": _free_port(), "control": _free_port()}
-        values = {"SUPERLINK_UPSTREAM": f"127.0.0.1:{upstream.server_address[1]}", "SUPERLINK_TLS_NAME": "superlink",
-                  "FLEET_LISTEN": f"127.0.0.1:{ports['fleet']}", "CONTROL_LISTEN": f"127.0.0.1:{ports['control']}",
-                  "CONTROL_ALLOW": "127.0.0.1", "TLS_CERT": str(pki / "superlink.crt"), "TLS_KEY": str(pki / "superlink.key"),
-                  "TLS_CA": str(pki / "ca.crt"), **over}
+        values = {
+            "SUPERLINK_UPSTREAM": f"127.0.0.1:{upstream.server_address[1]}",
+            "SUPERLINK_TLS_NAME": "superlink",
+            "FLEET_LISTEN": f"127.0.0.1:{ports['fleet']}",
+            "CONTROL_LISTEN": f"127.0.0.1:{ports['control']}",
+            "CONTROL_ALLOW": "127.0.0.1",
+            "TLS_CERT": str(pki / "superlink.crt"),
+            "TLS_KEY": str(pki / "superlink.key"),
+            "TLS_CA": str(pki / "ca.crt"),
+            **over,
+        }
         conf = make["write"](tmp_path / out, values, foreground=True)
         args = [nginx, "-p", str(conf.parent), "-c", str(conf), "-e", str(conf.parent / "error.log")]
         test = subprocess.run([*args, "-t"], capture_output=True, text=True, timeout=30)
@@ -520,9 +544,19 @@ def test_proxy_routes_each_api_to_its_own_listener_only(proxy):
     # Client-facing listener: Fleet calls reach the SuperLink, re-encrypted, as "superlink".
     r = _post(url["fleet"] + "/v1/fleet/pull-messages", ca)
     assert r.status_code == 200 and r.json() == {"path": "/v1/fleet/pull-messages", "host": "superlink", "proto": "https"}
-    refused = ["/v1/control/start-run", "/v1/control/register-node", "/v1/control/list-runs", "/v1/runtime/acquire-task",
-               "/v1/fleet/..%2Fcontrol/start-run", "/v1/fleet/%2e%2e/control/start-run", "/v1/fleet/pull-messages?x=1",
-               "/v1/fleet/PULL-messages", "/health", "/docs", "/"]
+    refused = [
+        "/v1/control/start-run",
+        "/v1/control/register-node",
+        "/v1/control/list-runs",
+        "/v1/runtime/acquire-task",
+        "/v1/fleet/..%2Fcontrol/start-run",
+        "/v1/fleet/%2e%2e/control/start-run",
+        "/v1/fleet/pull-messages?x=1",
+        "/v1/fleet/PULL-messages",
+        "/health",
+        "/docs",
+        "/",
+    ]
     for path in refused:
         r = _post(url["fleet"] + path, ca)
         assert r.status_code == 403 and REFUSED in r.json()["detail"], (path, r.status_code, r.text[:200])
@@ -551,16 +585,37 @@ def test_make_proxy_conf_writes_a_configuration_nginx_accepts(tmp_path):
     """The script an operator without Docker uses (several operator addresses allowed)."""
     nginx = _nginx()
     pki = tmp_path / "pki"
-    subprocess.run([str(ROOT / "scripts" / "make-certs.sh"), "-o", str(pki), "-n", "superlink", "superlink", "127.0.0.1"],
-                   check=True, capture_output=True, timeout=60)
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "make-proxy-conf.py"), "-o", str(tmp_path / "proxy"),
-                          "--upstream", "127.0.0.1:9091", "--fleet-listen", "127.0.0.1:9092", "--control-allow", "127.0.0.1",
-                          "--control-allow", "10.8.0.0/24", "--cert", str(pki / "superlink.crt"), "--key", str(pki / "superlink.key"),
-                          "--ca", str(pki / "ca.crt")], capture_output=True, text=True, timeout=60)
+    subprocess.run(
+        [str(ROOT / "scripts" / "make-certs.sh"), "-o", str(pki), "-n", "superlink", "superlink", "127.0.0.1"], check=True, capture_output=True, timeout=60
+    )
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "make-proxy-conf.py"),
+            "-o",
+            str(tmp_path / "proxy"),
+            "--upstream",
+            "127.0.0.1:9091",
+            "--fleet-listen",
+            "127.0.0.1:9092",
+            "--control-allow",
+            "127.0.0.1",
+            "--control-allow",
+            "10.8.0.0/24",
+            "--cert",
+            str(pki / "superlink.crt"),
+            "--key",
+            str(pki / "superlink.key"),
+            "--ca",
+            str(pki / "ca.crt"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     conf = tmp_path / "proxy" / "nginx.conf"
-    test = subprocess.run([nginx, "-t", "-c", str(conf), "-e", str(tmp_path / "proxy" / "error.log")],
-                          capture_output=True, text=True, timeout=30)
+    test = subprocess.run([nginx, "-t", "-c", str(conf), "-e", str(tmp_path / "proxy" / "error.log")], capture_output=True, text=True, timeout=30)
     assert test.returncode == 0, test.stderr
     control = (tmp_path / "proxy" / "control.conf").read_text()
     assert re.search(r"allow 127\.0\.0\.1;\s*allow 10\.8\.0\.0/24;\s*deny all;", control)

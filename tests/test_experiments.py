@@ -39,8 +39,7 @@ def test_grid_file_validates_and_matches_its_recorded_runs(path, monkeypatch, ca
 
 
 def test_results_md_tables_are_what_the_committed_runs_give():
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "results_tables.py")],
-                         capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "results_tables.py")], capture_output=True, text=True, check=True, cwd=ROOT).stdout
     with open(os.path.join(ROOT, "docs", "RESULTS.md")) as f:
         doc = f.read()
     assert out.strip() and out.strip() in doc, "docs/RESULTS.md tables differ from `python experiments/results_tables.py`"
@@ -65,6 +64,11 @@ def test_committed_results_record_the_data_relative_to_the_data_directory():
 
     for path in glob.glob(os.path.join(ROOT, "experiments", "results", "**", "config.json"), recursive=True):
         config = json.load(open(path))
-        values = [config["run-config"]["dataset"], config["resolved"]["data"]["dataset"],
-                  config["resolved"]["data"]["data_dir"], config["data"]["source"], config["model"]["path"]]
+        values = [
+            config["run-config"]["dataset"],
+            config["resolved"]["data"]["dataset"],
+            config["resolved"]["data"]["data_dir"],
+            config["data"]["source"],
+            config["model"]["path"],
+        ]
         assert not any(v.startswith("/") or v.startswith("local:/") for v in values), (path, values)

@@ -45,8 +45,14 @@ def test_flwr_run_completes_and_writes_outputs(tmp_path):
     write_task(task, 400, 100)
     out = tmp_path / "out"
     proc = _flwr_sim(
-        tmp_path, f'dataset="{task}"', f'output-dir="{out}"', f'cache-dir="{tmp_path / "cache"}"',
-        'run-name="flwr"', "num-server-rounds=2", "local-steps=3", 'strategy="lora"',
+        tmp_path,
+        f'dataset="{task}"',
+        f'output-dir="{out}"',
+        f'cache-dir="{tmp_path / "cache"}"',
+        'run-name="flwr"',
+        "num-server-rounds=2",
+        "local-steps=3",
+        'strategy="lora"',
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "finished:completed" in proc.stdout
@@ -72,18 +78,24 @@ def _plain_flwr_run(tmp_path, *flwr_args, port_base):
     write_task(task, 300, 60)
     home = tmp_path / "flwr-home"
     env = {
-        **os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port_base + 1), "FLWR_LOCAL_CONTROL_API_PORT": str(port_base + 3),
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port_base + 1),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(port_base + 3),
         "PATH": f"{Path(os.sys.executable).parent}:{os.environ['PATH']}",
     }
     flwr = str(Path(os.sys.executable).parent / "flwr")
     # Data and a short schedule only: nothing about the number of nodes.
-    config = (f'dataset="{task}" output-dir="{tmp_path / "out"}" cache-dir="{tmp_path / "cache"}" '
-              'num-server-rounds=1 local-steps=2 batch-size=16 node-wait-timeout=120')
+    config = (
+        f'dataset="{task}" output-dir="{tmp_path / "out"}" cache-dir="{tmp_path / "cache"}" '
+        "num-server-rounds=1 local-steps=2 batch-size=16 node-wait-timeout=120"
+    )
     before = _superlinks()
     try:
-        proc = subprocess.run([flwr, "run", ".", "--stream", "--run-config", config, *flwr_args],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        proc = subprocess.run(
+            [flwr, "run", ".", "--stream", "--run-config", config, *flwr_args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+        )
         ls = subprocess.run([flwr, "ls", "--format", "json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     finally:
         for pid in _superlinks() - before:  # `flwr run` leaves its local SuperLink running
@@ -93,8 +105,9 @@ def _plain_flwr_run(tmp_path, *flwr_args, port_base):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("flwr_args", "nodes", "port_base"), [((), 2, 39500), (("--federation-config", "num-supernodes=5"), 5, 39600)],
-                         ids=["default-federation", "5-nodes"])
+@pytest.mark.parametrize(
+    ("flwr_args", "nodes", "port_base"), [((), 2, 39500), (("--federation-config", "num-supernodes=5"), 5, 39600)], ids=["default-federation", "5-nodes"]
+)
 def test_plain_flwr_run_completes_for_any_number_of_nodes(tmp_path, flwr_args, nodes, port_base):
     output, statuses = _plain_flwr_run(tmp_path, *flwr_args, port_base=port_base)
     assert statuses == ["finished:completed"], output[-4000:]

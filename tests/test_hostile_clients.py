@@ -36,10 +36,11 @@ def _strategy(**kw):
 
 def _round(strategy, server_round, nodes, replies):
     """Send round ``server_round`` to ``nodes``; ``replies``: node -> (value of B, metrics)."""
-    msgs = {m.metadata.dst_node_id: m for m in strategy.configure_train(
-        server_round, ArrayRecord({KB: Array(GLOBAL)}), ConfigRecord(), Grid(nodes))}
-    answers = [Message(RecordDict({"arrays": ArrayRecord({KB: Array(np.full((D, R), v, np.float32))}),
-                                   "metrics": MetricRecord(m)}), reply_to=msgs[n]) for n, (v, m) in replies.items()]
+    msgs = {m.metadata.dst_node_id: m for m in strategy.configure_train(server_round, ArrayRecord({KB: Array(GLOBAL)}), ConfigRecord(), Grid(nodes))}
+    answers = [
+        Message(RecordDict({"arrays": ArrayRecord({KB: Array(np.full((D, R), v, np.float32))}), "metrics": MetricRecord(m)}), reply_to=msgs[n])
+        for n, (v, m) in replies.items()
+    ]
     arrays, _ = strategy.aggregate_train(server_round, answers)
     return arrays, strategy.rounds[server_round]
 
@@ -62,8 +63,11 @@ def test_a_large_claimed_count_cannot_dominate_the_aggregate():
 
 
 def test_non_finite_metrics_are_refused():
-    replies = {1: (0.1, {"num-examples": 10, "epsilon": 1.0}), 2: (0.1, {"num-examples": 10, "epsilon": float("nan")}),
-               3: (0.1, {"num-examples": 10, "train-loss": float("inf")})}
+    replies = {
+        1: (0.1, {"num-examples": 10, "epsilon": 1.0}),
+        2: (0.1, {"num-examples": 10, "epsilon": float("nan")}),
+        3: (0.1, {"num-examples": 10, "train-loss": float("inf")}),
+    }
     _, stats = _round(_strategy(), 1, [1, 2, 3], replies)
     assert stats.replies == 1 and len([f for f in stats.failures if "not a finite number" in f]) == 2
 
@@ -77,14 +81,17 @@ def test_with_fewer_than_three_replies_updates_are_screened_against_earlier_roun
     assert s.state()["accepted-norms"]  # kept in checkpoints: a resumed run screens the same way
 
 
-@pytest.mark.parametrize(("weights", "cap", "expected"), [
-    ([1, 1, 1], 0.5, [1 / 3] * 3),
-    ([1, 1, 1e9], 0.5, [0.25, 0.25, 0.5]),
-    ([8, 1, 1], 0.5, [0.5, 0.25, 0.25]),
-    ([5, 3, 2], 1.0, [0.5, 0.3, 0.2]),
-    ([1, 1e9], 0.5, [0.5, 0.5]),  # two replies: at most equal
-    ([7], 0.5, [1.0]),
-])
+@pytest.mark.parametrize(
+    ("weights", "cap", "expected"),
+    [
+        ([1, 1, 1], 0.5, [1 / 3] * 3),
+        ([1, 1, 1e9], 0.5, [0.25, 0.25, 0.5]),
+        ([8, 1, 1], 0.5, [0.5, 0.25, 0.25]),
+        ([5, 3, 2], 1.0, [0.5, 0.3, 0.2]),
+        ([1, 1e9], 0.5, [0.5, 0.5]),  # two replies: at most equal
+        ([7], 0.5, [1.0]),
+    ],
+)
 def test_capped_shares(weights, cap, expected):
     shares = validation.capped_shares(weights, cap)
     assert shares == pytest.approx(expected) and sum(shares) == pytest.approx(1.0)

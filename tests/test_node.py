@@ -3,21 +3,29 @@
 import pytest
 import torch
 
-from conftest import make_rows, write_jsonl
 from fedlora import data as data_mod
 from fedlora import node, wire
 from fedlora.config import ConfigError, parse_run_config
 from fedlora.privacy import BudgetExhausted
+
+from conftest import make_rows, write_jsonl
 
 
 @pytest.fixture
 def run(tiny_model_dir, task_dir, tmp_path):
     node._MODELS.clear()
     node._NODE_DATA.clear()
-    return parse_run_config({
-        "model": tiny_model_dir, "dataset": task_dir, "cache-dir": str(tmp_path / "cache"),
-        "local-steps": 3, "batch-size": 8, "num-server-rounds": 2, "dp.epsilon": 2.0,
-    })
+    return parse_run_config(
+        {
+            "model": tiny_model_dir,
+            "dataset": task_dir,
+            "cache-dir": str(tmp_path / "cache"),
+            "local-steps": 3,
+            "batch-size": 8,
+            "num-server-rounds": 2,
+            "dp.epsilon": 2.0,
+        }
+    )
 
 
 LABELS = ("0", "1")

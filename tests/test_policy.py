@@ -10,10 +10,11 @@ import sys
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from conftest import make_rows, write_jsonl
 from fedlora import client_app, node, node_errors, wire
 from fedlora.config import parse_run_config
 from fedlora.model import build_model
+
+from conftest import make_rows, write_jsonl
 
 
 @pytest.fixture(autouse=True)
@@ -33,11 +34,20 @@ def own_data(tmp_path):
 
 
 def _message(tiny_model_dir, task_dir, tmp_path, *, run_key="run-1", kind="train", **run_overrides):
-    run_config = {"model": tiny_model_dir, "dataset": task_dir, "cache-dir": str(tmp_path / "server-chosen"),
-                  "local-steps": 2, "batch-size": 8, "num-server-rounds": 1, "dp.epsilon": 2.0, **run_overrides}
+    run_config = {
+        "model": tiny_model_dir,
+        "dataset": task_dir,
+        "cache-dir": str(tmp_path / "server-chosen"),
+        "local-steps": 2,
+        "batch-size": 8,
+        "num-server-rounds": 1,
+        "dp.epsilon": 2.0,
+        **run_overrides,
+    }
     server_model = build_model(parse_run_config(run_config), 2, train_lora_a=False)
-    config = ConfigRecord({"strategy": "ffa-lora", "shared-fingerprint": wire.fingerprint(server_model),
-                           "label-names": ["0", "1"], "run-key": run_key, "server-round": 1})
+    config = ConfigRecord(
+        {"strategy": "ffa-lora", "shared-fingerprint": wire.fingerprint(server_model), "label-names": ["0", "1"], "run-key": run_key, "server-round": 1}
+    )
     msg = Message(RecordDict({"arrays": wire.to_arrays(server_model), "config": config}), dst_node_id=7, message_type=kind)
     return msg, run_config
 
@@ -72,8 +82,7 @@ def test_a_weak_budget_asked_by_the_server_is_refused(tiny_model_dir, task_dir, 
     _refused(lambda: client_app.train(msg, _context(rc, {"data-path": own_data, "state-dir": state})), "E_POLICY", "dp.delta")
     # The node's own cap decides, not the default: 2.0 > 1.5.
     msg, rc = _message(tiny_model_dir, task_dir, tmp_path, **{"dp.epsilon": 2.0})
-    _refused(lambda: client_app.train(msg, _context(rc, {"data-path": own_data, "state-dir": state, "privacy.max-epsilon": 1.5})),
-             "E_POLICY", "dp.epsilon")
+    _refused(lambda: client_app.train(msg, _context(rc, {"data-path": own_data, "state-dir": state, "privacy.max-epsilon": 1.5})), "E_POLICY", "dp.epsilon")
     assert not os.path.exists(os.path.join(state, "ledgers"))  # refused before anything was spent
 
 

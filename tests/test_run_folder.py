@@ -12,11 +12,23 @@ from fedlora.run_folder import RunFolder, config_diff, portable
 def test_paths_under_the_data_directory_are_recorded_relative_to_it(tmp_path):
     data = str(tmp_path / "data")
     site = sysconfig.get_paths()["purelib"]
-    obj = {"dataset": f"{data}/sst2", "data_dir": data, "source": f"local:{data}/rte", "other": "/elsewhere/x",
-           "model": os.path.join(site, "pkg", "model"), "similar": f"{data}2/sst2", "list": [f"{data}/a"]}
+    obj = {
+        "dataset": f"{data}/sst2",
+        "data_dir": data,
+        "source": f"local:{data}/rte",
+        "other": "/elsewhere/x",
+        "model": os.path.join(site, "pkg", "model"),
+        "similar": f"{data}2/sst2",
+        "list": [f"{data}/a"],
+    }
     assert portable(obj, data) == {
-        "dataset": "$FEDLORA_DATA_DIR/sst2", "data_dir": "$FEDLORA_DATA_DIR", "source": "local:$FEDLORA_DATA_DIR/rte",
-        "other": "/elsewhere/x", "model": "site-packages/pkg/model", "similar": f"{data}2/sst2", "list": ["$FEDLORA_DATA_DIR/a"],
+        "dataset": "$FEDLORA_DATA_DIR/sst2",
+        "data_dir": "$FEDLORA_DATA_DIR",
+        "source": "local:$FEDLORA_DATA_DIR/rte",
+        "other": "/elsewhere/x",
+        "model": "site-packages/pkg/model",
+        "similar": f"{data}2/sst2",
+        "list": ["$FEDLORA_DATA_DIR/a"],
     }
     assert portable(portable(obj, data), data) == portable(obj, data)  # idempotent: a resume compares both
 
@@ -33,8 +45,9 @@ def test_checkpoint_keeps_the_latest_round_and_resume_drops_later_metrics(tmp_pa
     folder = RunFolder.new(str(tmp_path), "run")
     assert RunFolder.new(str(tmp_path), "run").name == "run-2"  # never reuses a folder
     for r in (0, 1, 2):
-        folder.append_metrics({"round": r, "accuracy": 0.5 + r / 10, "loss": 1.0, "epsilon": r, "seconds": 1.0,
-                               "cum_bytes_up": 10 * r, "cum_bytes_down": 20 * r})
+        folder.append_metrics(
+            {"round": r, "accuracy": 0.5 + r / 10, "loss": 1.0, "epsilon": r, "seconds": 1.0, "cum_bytes_up": 10 * r, "cum_bytes_down": 20 * r}
+        )
         if r:
             folder.write_checkpoint(r, ArrayRecord({"b": Array(np.full(3, r, np.float32))}), {7: 0.1 * r}, {"s": r})
     assert sorted(f for f in os.listdir(folder.path) if f.startswith("checkpoint-round")) == ["checkpoint-round2.npz"]

@@ -22,8 +22,14 @@ def _run(tmp_path, task, **overrides):
     from fedlora.simulation import simulate
 
     config = {
-        "dataset": task, "output-dir": str(tmp_path / "out"), "cache-dir": str(tmp_path / "cache"),
-        "num-server-rounds": 3, "local-steps": 10, "batch-size": 32, "num-partitions": 2, "run-name": "run",
+        "dataset": task,
+        "output-dir": str(tmp_path / "out"),
+        "cache-dir": str(tmp_path / "cache"),
+        "num-server-rounds": 3,
+        "local-steps": 10,
+        "batch-size": 32,
+        "num-partitions": 2,
+        "run-name": "run",
         **overrides,
     }
     simulate(config, num_supernodes=2)
@@ -58,7 +64,9 @@ def _reload_accuracy(run_dir):
 def test_simulation_learns_and_writes_outputs(tmp_path, e2e_task, strategy, epsilon):
     # One of the runs also has the clients evaluate on their local held-out split.
     local_eval = 1.0 if (strategy, epsilon) == ("ffa-lora", 0.0) else 0.0
-    run_dir, rows = _run(tmp_path, e2e_task, strategy=strategy, **{"dp.epsilon": epsilon, "train-head": True, "fraction-evaluate": local_eval}, **METHOD[strategy])
+    run_dir, rows = _run(
+        tmp_path, e2e_task, strategy=strategy, **{"dp.epsilon": epsilon, "train-head": True, "fraction-evaluate": local_eval}, **METHOD[strategy]
+    )
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     for r in rows[1:]:
         for key in ("round", "strategy", "accuracy", "loss", "epsilon", "bytes_up", "bytes_down", "seconds"):

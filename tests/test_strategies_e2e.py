@@ -11,8 +11,15 @@ import pytest
 from conftest import write_task
 
 SETTINGS = {
-    "num-server-rounds": 3, "local-steps": 10, "batch-size": 32, "num-partitions": 2, "run-name": "run",
-    "dp.epsilon": 3.0, "train-head": True, "optimizer": "sgd", "learning-rate": 0.5,
+    "num-server-rounds": 3,
+    "local-steps": 10,
+    "batch-size": 32,
+    "num-partitions": 2,
+    "run-name": "run",
+    "dp.epsilon": 3.0,
+    "train-head": True,
+    "optimizer": "sgd",
+    "learning-rate": 0.5,
 }
 
 
@@ -85,9 +92,17 @@ def test_user_level_dp_on_top_of_sample_level_dp(tmp_path, e2e_task):
     from fedlora.user_dp import user_epsilon
 
     z = 0.5
-    run_dir, rows = _run(tmp_path, e2e_task, strategy="ffa-lora", **{
-        "num-server-rounds": 2, "user-dp.mode": "client-fixed", "user-dp.noise-multiplier": z, "user-dp.clip-norm": 0.5,
-    })
+    run_dir, rows = _run(
+        tmp_path,
+        e2e_task,
+        strategy="ffa-lora",
+        **{
+            "num-server-rounds": 2,
+            "user-dp.mode": "client-fixed",
+            "user-dp.noise-multiplier": z,
+            "user-dp.clip-norm": 0.5,
+        },
+    )
     assert [r["round"] for r in rows] == [0, 1, 2] and all(r["failures"] == 0 for r in rows[1:])
     for t, r in enumerate(rows[1:], start=1):
         assert r["user_epsilon"] == pytest.approx(user_epsilon(z, t, 1e-5))  # one release per round

@@ -173,9 +173,18 @@ LABELS = ("0", "1")
 def test_node_rank_truncates_the_global_factors_and_ffa_refuses(tiny_model_dir, task_dir, tmp_path):
     node._MODELS.clear()
     node._NODE_DATA.clear()
-    cfg = {"model": tiny_model_dir, "dataset": task_dir, "cache-dir": str(tmp_path), "lora.r": 4,
-           "lora.client-ranks": "2,4,4", "dp.epsilon": 0.0, "local-steps": 1, "batch-size": 4, "strategy": "lora",
-           "learning-rate": 1e-12}  # a step too small to move the factors: the reply shows what the node loaded
+    cfg = {
+        "model": tiny_model_dir,
+        "dataset": task_dir,
+        "cache-dir": str(tmp_path),
+        "lora.r": 4,
+        "lora.client-ranks": "2,4,4",
+        "dp.epsilon": 0.0,
+        "local-steps": 1,
+        "batch-size": 4,
+        "strategy": "lora",
+        "learning-rate": 1e-12,
+    }  # a step too small to move the factors: the reply shows what the node loaded
     run = parse_run_config(cfg)
     rt = node.get_runtime(run, {"partition-id": 0, "num-partitions": 3}, LABELS, True)
     server = build_model(run, 2, train_lora_a=True)

@@ -181,14 +181,17 @@ def _kinds(names):
     return {"A" if ".lora_A." in n else "B" if ".lora_B." in n else "head" for n in names}
 
 
-@pytest.mark.parametrize("strategy, down, up", [
-    ("lora", {"A", "B", "head"}, {"A", "B", "head"}),
-    ("ffa-lora", {"B", "head"}, {"B", "head"}),
-    ("fedex-lora", {"A", "B", "head"}, {"A", "B", "head"}),
-    ("flora", {"head"}, {"A", "B", "head"}),
-    ("fedsa-lora", {"A", "head"}, {"A", "head"}),
-    ("fedsvd", {"A", "B", "head"}, {"B", "head"}),
-])
+@pytest.mark.parametrize(
+    "strategy, down, up",
+    [
+        ("lora", {"A", "B", "head"}, {"A", "B", "head"}),
+        ("ffa-lora", {"B", "head"}, {"B", "head"}),
+        ("fedex-lora", {"A", "B", "head"}, {"A", "B", "head"}),
+        ("flora", {"head"}, {"A", "B", "head"}),
+        ("fedsa-lora", {"A", "head"}, {"A", "head"}),
+        ("fedsvd", {"A", "B", "head"}, {"B", "head"}),
+    ],
+)
 def test_what_each_method_sends(tiny_model_dir, strategy, down, up):
     model, ex = _model(tiny_model_dir, strategy, train_head=True), get_strategy(strategy).exchange
     assert _kinds(wire.down_names(model, ex)) == down and _kinds(wire.up_names(model, ex)) == up
@@ -236,8 +239,7 @@ def test_checkpoint_keeps_the_merged_base_update_and_resume_restores_it(tiny_mod
     update: both are in the checkpoint, and a resumed run evaluates with them."""
     from fedlora.experiment import Experiment
 
-    common = {"model": tiny_model_dir, "dataset": task_dir, "output-dir": str(tmp_path), "run-name": "r",
-              "dp.epsilon": 0.0, "strategy": "fedex-lora"}
+    common = {"model": tiny_model_dir, "dataset": task_dir, "output-dir": str(tmp_path), "run-name": "r", "dp.epsilon": 0.0, "strategy": "fedex-lora"}
     exp = Experiment(parse_run_config(common))
     state = {k: v.numpy() for k, v in exp.initial_arrays.items()}
     layer = wire.lora_module(next(k for k in state if ".lora_A." in k))
@@ -264,8 +266,18 @@ def test_fedsa_node_keeps_its_own_b_across_rounds(tiny_model_dir, task_dir, tmp_
 
     node._MODELS.clear()
     node._NODE_DATA.clear()
-    run = parse_run_config({"model": tiny_model_dir, "dataset": task_dir, "cache-dir": str(tmp_path), "strategy": "fedsa-lora",
-                            "dp.epsilon": 0.0, "local-steps": 3, "batch-size": 8, "learning-rate": 0.5})
+    run = parse_run_config(
+        {
+            "model": tiny_model_dir,
+            "dataset": task_dir,
+            "cache-dir": str(tmp_path),
+            "strategy": "fedsa-lora",
+            "dp.epsilon": 0.0,
+            "local-steps": 3,
+            "batch-size": 8,
+            "learning-rate": 0.5,
+        }
+    )
     ex = get_strategy("fedsa-lora").exchange
     rt = node.get_runtime(run, {"partition-id": 0, "num-partitions": 3}, ("0", "1"), True)
     global_arrays = wire.to_arrays(rt.model, wire.down_names(rt.model, ex))

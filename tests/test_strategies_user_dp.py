@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from conftest import FakeGrid
-from conftest import reply as _reply
 from fedlora import user_dp
 from fedlora.config import ConfigError
 from fedlora.privacy import ALPHAS
 from fedlora.strategies import FedExLoraStrategy, FedSvdStrategy, FfaLoraStrategy, FloraStrategy
 
+from conftest import FakeGrid
+from conftest import reply as _reply
 
 pytestmark = pytest.mark.usefixtures("server_task_identity")
 
@@ -27,10 +27,7 @@ KA, KB = "layer.lora_A.default.weight", "layer.lora_B.default.weight"
 def _gaussian_epsilon_by_hand(z: float, rounds: int, delta: float) -> float:
     """T compositions of the Gaussian mechanism (RDP alpha T / 2z^2), converted to
     (epsilon, delta) as Opacus does (Balle et al. 2020), minimised over the orders."""
-    return min(
-        rounds * a / (2 * z * z) + math.log((a - 1) / a) - (math.log(delta) + math.log(a)) / (a - 1)
-        for a in ALPHAS
-    )
+    return min(rounds * a / (2 * z * z) + math.log((a - 1) / a) - (math.log(delta) + math.log(a)) / (a - 1) for a in ALPHAS)
 
 
 @pytest.mark.parametrize("z, rounds", [(1.0, 5), (0.8, 20), (3.0, 100)])
@@ -83,8 +80,7 @@ def test_adaptive_clipping_noise_is_at_least_what_the_round_clipped_with(update_
     clipped) shrink C: the release is topped up to z·C_used/m, the noise the
     accountant assumes. Large ones (all clipped) grow C: more noise, still safe."""
     m = 50  # enough clients that the noisy clipped count cannot flip the direction C moves in
-    dp = user_dp.UserDP("server-adaptive", noise_multiplier=2.0, clip_norm=1.0, delta=1e-5, num_sampled=m,
-                        clipped_count_stddev=2.5)
+    dp = user_dp.UserDP("server-adaptive", noise_multiplier=2.0, clip_norm=1.0, delta=1e-5, num_sampled=m, clipped_count_stddev=2.5)
     z_model = dp.wrapper.noise_multiplier  # Flower's share of z for the model noise
     start = {KB: np.zeros((300, 100))}
     direction = np.ones((300, 100)) / np.sqrt(300 * 100)

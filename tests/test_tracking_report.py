@@ -59,7 +59,7 @@ def test_wandb_offline_needs_no_network_and_records_history(tmp_path, monkeypatc
     while time.monotonic() < deadline:
         data = open(record_file, "rb").read()
         # History items are (key, value_json) protobuf fields: field 16 (b"\x82\x01"), a length byte, the JSON.
-        values = [float(data[m.end() + 1: m.end() + 1 + data[m.end()]]) for m in re.finditer(rb"eval/accuracy\x82\x01", data)]
+        values = [float(data[m.end() + 1 : m.end() + 1 + data[m.end()]]) for m in re.finditer(rb"eval/accuracy\x82\x01", data)]
         if len(set(values)) >= 3:
             break
         time.sleep(0.2)
@@ -93,10 +93,20 @@ def _write_run(folder, name, config, accs, eps_final=0.0, up=1000, complete=True
     json.dump({"run-config": config, "data": {"eval-majority-accuracy": 0.5}}, open(os.path.join(d, "config.json"), "w"))
     with open(os.path.join(d, "metrics.jsonl"), "w") as f:
         for r, acc in enumerate(accs):
-            f.write(json.dumps({
-                "round": r, "accuracy": acc, "loss": 1 - acc, "epsilon": eps_final * r / (len(accs) - 1),
-                "bytes_up": up if r else 0, "cum_bytes_up": up * r, "seconds": 2.0 if r else 0.0,
-            }) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "round": r,
+                        "accuracy": acc,
+                        "loss": 1 - acc,
+                        "epsilon": eps_final * r / (len(accs) - 1),
+                        "bytes_up": up if r else 0,
+                        "cum_bytes_up": up * r,
+                        "seconds": 2.0 if r else 0.0,
+                    }
+                )
+                + "\n"
+            )
     if complete:
         open(os.path.join(d, "result.json"), "w").write("{}")
 
@@ -163,9 +173,7 @@ def test_report_renders_in_headless_chromium(grid_runs, tmp_path):
     try:
         driver.get("file://" + path)
         assert driver.title == "fedlora comparison"
-        images = driver.execute_script(
-            "return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight])"
-        )
+        images = driver.execute_script("return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight])")
         assert len(images) == 4 and all(done and w > 300 and h > 200 for done, w, h in images), images
         assert len(driver.find_elements("css selector", "#summary tbody tr")) == 4
         errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]

@@ -75,10 +75,12 @@ KA, KB = "layer.lora_A.default.weight", "layer.lora_B.default.weight"
 
 def _reply(node: int, arrays: dict, n: int) -> Message:
     request = Message(RecordDict({}), dst_node_id=node, message_type="train")
-    content = RecordDict({
-        "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-        "metrics": MetricRecord({"num-examples": n, "epsilon": 0.5 * node, "train-loss": 1.0}),
-    })
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+            "metrics": MetricRecord({"num-examples": n, "epsilon": 0.5 * node, "train-loss": 1.0}),
+        }
+    )
     return Message(content, reply_to=request)
 
 

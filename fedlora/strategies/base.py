@@ -22,7 +22,6 @@ from ..user_dp import UserDP
 log = logging.getLogger("fedlora")
 
 
-
 @dataclass
 class RoundStats:
     """What one round moved and reported, for metrics.jsonl."""
@@ -138,10 +137,21 @@ class FedLoraStrategy(FedAvg):
             STRATEGY_REGISTRY.register(cls.name, cls)
 
     def __init__(
-        self, *, payload_shapes: dict[str, tuple[int, ...]], fingerprint: str, extra_config: dict | None = None,
-        min_replies: int = 1, max_norm_ratio: float = 0.0, max_weight_share: float = 1.0,
-        aggregation: str = "mean", trim_fraction: float = 0.2, clip_norm: float = 0.0,
-        down_keys: Iterable[str] | None = None, lora_scale: float = 1.0, user_dp: UserDP | None = None, **kwargs,
+        self,
+        *,
+        payload_shapes: dict[str, tuple[int, ...]],
+        fingerprint: str,
+        extra_config: dict | None = None,
+        min_replies: int = 1,
+        max_norm_ratio: float = 0.0,
+        max_weight_share: float = 1.0,
+        aggregation: str = "mean",
+        trim_fraction: float = 0.2,
+        clip_norm: float = 0.0,
+        down_keys: Iterable[str] | None = None,
+        lora_scale: float = 1.0,
+        user_dp: UserDP | None = None,
+        **kwargs,
     ) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", aggregate_train_metrics)
         super().__init__(**kwargs)
@@ -150,8 +160,7 @@ class FedLoraStrategy(FedAvg):
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
         if aggregation != "mean" and not self.robust_ok:
-            raise ConfigError("aggregation.method", aggregation, f"strategy {self.name} needs 'mean' "
-                              "(its exact aggregation is defined for the weighted mean)")
+            raise ConfigError("aggregation.method", aggregation, f"strategy {self.name} needs 'mean' (its exact aggregation is defined for the weighted mean)")
         metric_fn = kwargs["train_metrics_aggr_fn"]
         self.aggregation = aggregation
         self._robust: FedAvg | None = None
@@ -170,16 +179,20 @@ class FedLoraStrategy(FedAvg):
         self.user_dp = user_dp
         if user_dp is not None:
             if not self.user_dp_ok:
-                raise ConfigError("user-dp.mode", user_dp.mode,
-                                  f"strategy {self.name} releases a base-weight update, a product of each client's "
-                                  "factors that update clipping does not bound: no user-level DP")
+                raise ConfigError(
+                    "user-dp.mode",
+                    user_dp.mode,
+                    f"strategy {self.name} releases a base-weight update, a product of each client's "
+                    "factors that update clipping does not bound: no user-level DP",
+                )
             if aggregation != "mean":
-                raise ConfigError("aggregation.method", aggregation, "user-level DP needs 'mean' "
-                                  "(its noise is calibrated for the mean of clipped updates)")
+                raise ConfigError("aggregation.method", aggregation, "user-level DP needs 'mean' (its noise is calibrated for the mean of clipped updates)")
             if user_dp.mode == "client-fixed" and self.down_keys != self.payload_keys:
-                raise ConfigError("user-dp.mode", user_dp.mode,
-                                  "Flower's fixedclipping_mod needs a reply with the tensors it received; "
-                                  f"strategy {self.name} sends others: use server-fixed")
+                raise ConfigError(
+                    "user-dp.mode",
+                    user_dp.mode,
+                    f"Flower's fixedclipping_mod needs a reply with the tensors it received; strategy {self.name} sends others: use server-fixed",
+                )
         self.min_replies = min_replies
         self.max_norm_ratio = max_norm_ratio
         self.max_weight_share = max_weight_share  # no reply's example count weighs more than this share
@@ -193,8 +206,7 @@ class FedLoraStrategy(FedAvg):
 
     def summary(self) -> None:
         super().summary()
-        log.info("\t└──> fedlora: %s, %d tensors per payload, exact aggregation: %s",
-                 self.name, len(self.payload_keys), self.exact_aggregation)
+        log.info("\t└──> fedlora: %s, %d tensors per payload, exact aggregation: %s", self.name, len(self.payload_keys), self.exact_aggregation)
 
     def _with_run_config(self, config: ConfigRecord) -> ConfigRecord:
         config[wire.STRATEGY_KEY] = self.name
@@ -208,7 +220,11 @@ class FedLoraStrategy(FedAvg):
         return ArrayRecord({k: arrays[k] for k in arrays if k in self.down_keys or wire.is_delta(k)})
 
     def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        grid: Grid,
     ) -> Iterable[Message]:
         stats = self.rounds[server_round] = RoundStats()
         self.current = arrays
@@ -218,8 +234,7 @@ class FedLoraStrategy(FedAvg):
             self.user_dp.configure(config)
         messages = list(super().configure_train(server_round, down, config, grid))
         if self.user_dp is not None and len(messages) != self.user_dp.num_sampled:
-            raise RuntimeError(f"user-level DP is calibrated for {self.user_dp.num_sampled} clients per round, "
-                               f"{len(messages)} were sampled")
+            raise RuntimeError(f"user-level DP is calibrated for {self.user_dp.num_sampled} clients per round, {len(messages)} were sampled")
         stats.sampled = len(messages)
         stats.bytes_down = wire.nbytes(down) * len(messages)
         # A reply's update is relative to where its node started: the global values of the reply's keys.
@@ -229,7 +244,11 @@ class FedLoraStrategy(FedAvg):
         return messages
 
     def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        grid: Grid,
     ) -> Iterable[Message]:
         down = self.down_arrays(arrays)
         messages = list(super().configure_evaluate(server_round, down, self._with_run_config(config), grid))
@@ -271,8 +290,7 @@ class FedLoraStrategy(FedAvg):
         # Under user-level DP the clip bounds each client's influence; screening by
         # norm would make the release depend on unnoised norms (and publish them).
         if sent is not None and self.user_dp is None:
-            norms = {m.metadata.src_node_id: validation.update_norm(m.content, self._refs[m.metadata.src_node_id])
-                     for m in good}
+            norms = {m.metadata.src_node_id: validation.update_norm(m.content, self._refs[m.metadata.src_node_id]) for m in good}
             outliers = validation.norm_outliers(norms, self.max_norm_ratio, self.accepted_norms)
             for node, reason in outliers.items():
                 self._refuse(stats, node, reason)
@@ -302,7 +320,9 @@ class FedLoraStrategy(FedAvg):
                 record[key] = Array(padded)
 
     def aggregate_train(
-        self, server_round: int, replies: Iterable[Message],
+        self,
+        server_round: int,
+        replies: Iterable[Message],
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Screen the replies, account for them, aggregate those that passed, merge into the new global state."""
         stats = self.rounds.setdefault(server_round, RoundStats())
@@ -319,13 +339,11 @@ class FedLoraStrategy(FedAvg):
         for failure in stats.failures:
             log.warning("round %d: refused reply from %s", server_round, failure)
         if len(good) < self.min_replies:
-            log.warning("round %d: %d valid replies, fewer than min-replies=%d: the global adapter is kept",
-                        server_round, len(good), self.min_replies)
+            log.warning("round %d: %d valid replies, fewer than min-replies=%d: the global adapter is kept", server_round, len(good), self.min_replies)
             return []
         if self.user_dp is not None and good and len(good) != self.user_dp.num_sampled:
             # The noise is calibrated for the mean of exactly num_sampled clipped updates.
-            stats.failures.append(f"user-level DP: {len(good)} valid replies of {self.user_dp.num_sampled} sampled; "
-                                  "the global adapter is kept")
+            stats.failures.append(f"user-level DP: {len(good)} valid replies of {self.user_dp.num_sampled} sampled; the global adapter is kept")
             log.warning("round %d: %s", server_round, stats.failures[-1])
             return []
         return good
@@ -343,7 +361,10 @@ class FedLoraStrategy(FedAvg):
         stats.epsilon = max(self.spent.values(), default=0.0)
 
     def _aggregate(
-        self, server_round: int, good: list[Message], stats: RoundStats,
+        self,
+        server_round: int,
+        good: list[Message],
+        stats: RoundStats,
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The aggregated payload and metrics of ``good`` ((None, None) when empty)."""
         if not good:
@@ -423,8 +444,7 @@ def weighted_replies(replies: list[RecordDict], weight_key: str = validation.WEI
     """(example weight n_k / sum n, {key: float64 array}) per reply, in the given order."""
     records = [(next(iter(r.metric_records.values())), next(iter(r.array_records.values()))) for r in replies]
     total = sum(float(m[weight_key]) for m, _ in records)
-    return [(float(m[weight_key]) / total, {k: np.asarray(a.numpy(), np.float64) for k, a in arrays.items()})
-            for m, arrays in records]
+    return [(float(m[weight_key]) / total, {k: np.asarray(a.numpy(), np.float64) for k, a in arrays.items()}) for m, arrays in records]
 
 
 def factor_keys(keys) -> list[tuple[str, str]]:

@@ -188,10 +188,7 @@ def run_state(run_dir: str, spec: RunSpec) -> str:
                 json.dump(recorded, f, indent=2)
         diff = sorted(k for k in set(recorded) | set(spec.overrides) if recorded.get(k) != spec.overrides.get(k))
         if diff:
-            raise GridError(
-                f"{run_dir} is a complete run with a different config ({', '.join(diff)}): "
-                "move it away or use another output-dir"
-            )
+            raise GridError(f"{run_dir} is a complete run with a different config ({', '.join(diff)}): move it away or use another output-dir")
         return "done"
     return "partial" if os.path.isfile(os.path.join(run_dir, "checkpoint.json")) else "new"
 
@@ -272,7 +269,8 @@ def run_one(spec: RunSpec, run_dir: str, state: str, progress: Progress, index: 
     with open(log_path, "a") as log_file:
         proc = subprocess.Popen(
             [sys.executable, "-m", "fedlora.simulation", "--overrides", json.dumps(overrides)],
-            stdout=log_file, stderr=subprocess.STDOUT,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
         )
         with open(log_path) as tail:
             tail.seek(0, os.SEEK_END)
@@ -314,8 +312,10 @@ def run_grid(grid: Grid, *, dry_run: bool = False, timeout: float | None = None,
     out = grid.output_dir
     states = {s.name: run_state(os.path.join(out, s.name), s) for s in specs}
     todo = [s for s in specs if states[s.name] != "done"]
-    print(f"grid: {len(specs)} runs in {out}: {len(specs) - len(todo)} complete, {len(todo)} to run "
-          f"({sum(states[s.name] == 'partial' for s in todo)} resuming)", flush=True)
+    print(
+        f"grid: {len(specs)} runs in {out}: {len(specs) - len(todo)} complete, {len(todo)} to run ({sum(states[s.name] == 'partial' for s in todo)} resuming)",
+        flush=True,
+    )
     if dry_run:
         for s in specs:
             print(f"  {states[s.name]:8} {s.name}")
@@ -328,10 +328,18 @@ def run_grid(grid: Grid, *, dry_run: bool = False, timeout: float | None = None,
         for i, spec in enumerate(todo, start=len(specs) - len(todo) + 1):
             status, seconds = run_one(spec, os.path.join(out, spec.name), states[spec.name], progress, i, timeout)
             with open(log_path, "a") as f:
-                f.write(json.dumps({
-                    "run": spec.name, "status": status, "wall_seconds": round(seconds, 1),
-                    "resumed": states[spec.name] == "partial", "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                }) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "run": spec.name,
+                            "status": status,
+                            "wall_seconds": round(seconds, 1),
+                            "resumed": states[spec.name] == "partial",
+                            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                        }
+                    )
+                    + "\n"
+                )
             progress.end_run(status, spec.name, seconds)
             if status != "done":
                 failures.append((spec.name, status))

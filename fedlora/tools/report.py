@@ -19,7 +19,17 @@ from dataclasses import dataclass
 from typing import Any
 
 # Keys that say where or how a run was stored, not what it computed.
-IGNORED_KEYS = {"output-dir", "run-name", "resume", "cache-dir", "data-dir", "tracking.backends", "tracking.project", "tracking.wandb-mode", "tracking.mlflow-uri"}
+IGNORED_KEYS = {
+    "output-dir",
+    "run-name",
+    "resume",
+    "cache-dir",
+    "data-dir",
+    "tracking.backends",
+    "tracking.project",
+    "tracking.wandb-mode",
+    "tracking.mlflow-uri",
+}
 REPLICATE_KEY = "seed"
 HUE_KEY = "strategy"
 
@@ -55,10 +65,15 @@ def find_runs(folders: list[str]) -> list[Run]:
                 with open(os.path.join(root, "metrics.jsonl")) as f:
                     rows = [json.loads(line) for line in f if line.strip()]
                 if rows:
-                    runs.append(Run(
-                        root, cfg["run-config"], rows, os.path.isfile(os.path.join(root, "result.json")),
-                        cfg.get("data", {}).get("eval-majority-accuracy"),
-                    ))
+                    runs.append(
+                        Run(
+                            root,
+                            cfg["run-config"],
+                            rows,
+                            os.path.isfile(os.path.join(root, "result.json")),
+                            cfg.get("data", {}).get("eval-majority-accuracy"),
+                        )
+                    )
                 dirs[:] = []  # a run folder holds no runs
     return runs
 
@@ -166,8 +181,13 @@ class Report:
             ax.set_ylabel("final accuracy (mean ± std over seeds)")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-        self._save(plt, fig, "accuracy_vs_epsilon.png", "Final accuracy vs privacy budget",
-                   "Error bars: one standard deviation over seeds. Smaller ε = stronger privacy.")
+        self._save(
+            plt,
+            fig,
+            "accuracy_vs_epsilon.png",
+            "Final accuracy vs privacy budget",
+            "Error bars: one standard deviation over seeds. Smaller ε = stronger privacy.",
+        )
 
     def table(self) -> tuple[list[str], list[list[str]]]:
         head = [*self.group_keys, "runs", "final accuracy", "best accuracy", "ε spent", "kB up / round", "MB up total", "s / round"]
@@ -181,27 +201,50 @@ class Report:
                 return f"{m:{fmt}} ± {s:{fmt}}" if len(values) > 1 else f"{m:{fmt}}"
 
             rounds = [max(1, r.final["round"]) for r in use]
-            body.append([
-                *(_label(k, v) if k == "dp.epsilon" else str(v) for k, v in zip(self.group_keys, key)),
-                f"{len(done)}" + (f" (+{len(reps) - len(done)} incomplete)" if len(done) < len(reps) else ""),
-                ms([r.final["accuracy"] for r in use], ".4f"),
-                ms([max(x["accuracy"] for x in r.rows) for r in use], ".4f"),
-                ms([r.final["epsilon"] for r in use], ".3f"),
-                ms([r.final.get("cum_bytes_up", 0) / n / 1000 for r, n in zip(use, rounds)], ".2f"),
-                ms([r.final.get("cum_bytes_up", 0) / 1e6 for r in use], ".2f"),
-                ms([sum(x["seconds"] for x in r.rows) / n for r, n in zip(use, rounds)], ".1f"),
-            ])
+            body.append(
+                [
+                    *(_label(k, v) if k == "dp.epsilon" else str(v) for k, v in zip(self.group_keys, key)),
+                    f"{len(done)}" + (f" (+{len(reps) - len(done)} incomplete)" if len(done) < len(reps) else ""),
+                    ms([r.final["accuracy"] for r in use], ".4f"),
+                    ms([max(x["accuracy"] for x in r.rows) for r in use], ".4f"),
+                    ms([r.final["epsilon"] for r in use], ".3f"),
+                    ms([r.final.get("cum_bytes_up", 0) / n / 1000 for r, n in zip(use, rounds)], ".2f"),
+                    ms([r.final.get("cum_bytes_up", 0) / 1e6 for r in use], ".2f"),
+                    ms([sum(x["seconds"] for x in r.rows) / n for r, n in zip(use, rounds)], ".1f"),
+                ]
+            )
         return head, body
 
     def build(self) -> str:
         os.makedirs(self.out, exist_ok=True)
-        self.curves("accuracy_vs_round.png", "Accuracy vs round", "round", "accuracy", "round", "eval accuracy",
-                    "Centralised evaluation of the global model after each round (round 0: the initial model). Band: ± one std over seeds.")
+        self.curves(
+            "accuracy_vs_round.png",
+            "Accuracy vs round",
+            "round",
+            "accuracy",
+            "round",
+            "eval accuracy",
+            "Centralised evaluation of the global model after each round (round 0: the initial model). Band: ± one std over seeds.",
+        )
         self.accuracy_vs_epsilon()
-        self.curves("accuracy_vs_bytes.png", "Accuracy vs bytes uploaded", "cum_bytes_up", "accuracy", "cumulative bytes uploaded (all clients)", "eval accuracy",
-                    "Communication cost: every client's upload, summed over rounds.")
-        self.curves("epsilon_vs_round.png", "Privacy spent vs round", "round", "epsilon", "round", "ε (max over clients)",
-                    "Sample-level ε reported by the clients' RDP accountants; 0 for non-private runs.")
+        self.curves(
+            "accuracy_vs_bytes.png",
+            "Accuracy vs bytes uploaded",
+            "cum_bytes_up",
+            "accuracy",
+            "cumulative bytes uploaded (all clients)",
+            "eval accuracy",
+            "Communication cost: every client's upload, summed over rounds.",
+        )
+        self.curves(
+            "epsilon_vs_round.png",
+            "Privacy spent vs round",
+            "round",
+            "epsilon",
+            "round",
+            "ε (max over clients)",
+            "Sample-level ε reported by the clients' RDP accountants; 0 for non-private runs.",
+        )
         head, body = self.table()
         page = self._html(head, body)
         path = os.path.join(self.out, "report.html")
@@ -235,8 +278,10 @@ class Report:
         for name, title, caption in self.figures:
             with open(os.path.join(self.out, name), "rb") as f:
                 data = base64.b64encode(f.read()).decode()
-            parts.append(f"<figure><h2>{esc(title)}</h2><img alt='{esc(title)}' src='data:image/png;base64,{data}'>"
-                         f"<figcaption>{esc(caption)} (also {esc(name)})</figcaption></figure>")
+            parts.append(
+                f"<figure><h2>{esc(title)}</h2><img alt='{esc(title)}' src='data:image/png;base64,{data}'>"
+                f"<figcaption>{esc(caption)} (also {esc(name)})</figcaption></figure>"
+            )
         parts.append("</body></html>")
         return "\n".join(parts)
 
