@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import io
 import logging
 import os
 import socket
 from dataclasses import dataclass
 
 import datasets
+import safetensors.torch
 import torch
 
 from . import synthetic
@@ -332,16 +332,16 @@ def encode(ds: datasets.Dataset, tokenizer, text_columns, max_length: int, cache
     digest = hashlib.sha256(
         f"{cache_key}|{getattr(tokenizer, 'name_or_path', '')}|{len(tokenizer)}|{text_columns}|{max_length}|{len(ds)}".encode()
     ).hexdigest()[:24]
-    path = os.path.join(cache_dir, "tokens", f"{digest}.pt")
+    # safetensors: loading it runs no code, whatever is in the file (unlike a pickle).
+    path = os.path.join(cache_dir, "tokens", f"{digest}.safetensors")
     if os.path.exists(path):
         try:
-            return Encoded(torch.load(path, weights_only=True))
+            return Encoded(safetensors.torch.load_file(path))
         except Exception as e:  # a torn or stale file: re-tokenise
             log.warning("ignoring unreadable token cache %s (%s)", path, e)
     out = _encode(ds, tokenizer, text_columns, max_length)
-    buf = io.BytesIO()
-    torch.save(out.tensors, buf)
-    write_atomic(path, buf.getvalue(), 0o600)  # owner-only (it can be turned back into the text); never half a file
+    data = safetensors.torch.save({k: v.contiguous() for k, v in out.tensors.items()})
+    write_atomic(path, data, 0o600)  # owner-only (it can be turned back into the text); never half a file
     return out
 
 
