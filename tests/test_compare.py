@@ -109,6 +109,7 @@ def _rows(path):
     return [json.loads(line) for line in open(path)]
 
 
+@pytest.mark.slow
 def test_grid_runs_skips_resumes_and_refuses_changed_config(tmp_path, task_dir, tiny_model_dir):
     grid = _grid_file(
         tmp_path,
@@ -183,6 +184,7 @@ strategy = ["lora", "ffa-lora"]
     assert changed.returncode == 2 and "different config (local-steps)" in changed.stderr
 
 
+@pytest.mark.slow
 def test_a_failing_run_is_reported_and_the_grid_goes_on(tmp_path, task_dir, tiny_model_dir):
     grid = _grid_file(
         tmp_path,

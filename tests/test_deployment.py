@@ -55,7 +55,7 @@ NGINX = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")  
 CONNECTION = "deployment"  # the operator's name for this SuperLink in its Flower config
 MARKER = "FEDLORA_DEPLOY_TEST"
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux (/proc, iproute2)")
+pytestmark = [pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux (/proc, iproute2)"), pytest.mark.slow]
 
 
 # -- hosts --------------------------------------------------------------------

@@ -16,6 +16,8 @@ import pytest
 
 from conftest import write_task
 
+pytestmark = pytest.mark.slow  # end-to-end simulations: `pytest -m "not slow"` skips them
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -104,7 +106,6 @@ def _plain_flwr_run(tmp_path, *flwr_args, port_base):
     return proc.stdout + proc.stderr, [r.get("status") for r in runs]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     ("flwr_args", "nodes", "port_base"), [((), 2, 39500), (("--federation-config", "num-supernodes=5"), 5, 39600)], ids=["default-federation", "5-nodes"]
 )

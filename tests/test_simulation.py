@@ -59,6 +59,7 @@ def _reload_accuracy(run_dir):
         return evaluate(model, data, 64)[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ffa-lora", "lora"])
 @pytest.mark.parametrize("epsilon", [0.0, 3.0], ids=["nodp", "eps3"])
 def test_simulation_learns_and_writes_outputs(tmp_path, e2e_task, strategy, epsilon):
@@ -92,6 +93,7 @@ def test_simulation_learns_and_writes_outputs(tmp_path, e2e_task, strategy, epsi
     assert _reload_accuracy(run_dir) == pytest.approx(final["accuracy"], abs=1e-9)
 
 
+@pytest.mark.slow
 def test_ffa_lora_uploads_exactly_half_of_lora_with_head_frozen(tmp_path, e2e_task):
     up = {}
     for strategy in ("ffa-lora", "lora"):
@@ -101,6 +103,7 @@ def test_ffa_lora_uploads_exactly_half_of_lora_with_head_frozen(tmp_path, e2e_ta
     assert up["ffa-lora"] / up["lora"] == 0.5
 
 
+@pytest.mark.slow
 def test_resumed_run_ends_exactly_where_an_uninterrupted_run_ends(tmp_path, e2e_task, monkeypatch):
     from safetensors.numpy import load_file
 

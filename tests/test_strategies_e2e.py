@@ -10,6 +10,8 @@ import pytest
 
 from conftest import write_task
 
+pytestmark = pytest.mark.slow  # end-to-end simulations: `pytest -m "not slow"` skips them
+
 SETTINGS = {
     "num-server-rounds": 3,
     "local-steps": 10,

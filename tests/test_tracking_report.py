@@ -153,6 +153,7 @@ def _chromium():
     return None
 
 
+@pytest.mark.slow  # a browser
 def test_report_renders_in_headless_chromium(grid_runs, tmp_path):
     """The page loads in a real browser with no console errors, every plot is
     decoded, and a screenshot shows it (CI installs Debian's chromium)."""
