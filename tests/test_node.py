@@ -99,6 +99,7 @@ def test_a_node_never_trains_past_its_budget(run):
     assert ledger.to_json() == before  # nothing spent by the refused round
 
 
+@pytest.mark.slow  # trains four rounds
 def test_simulation_rounds_are_reproducible_and_deployed_nodes_are_not(run, tmp_path):
     import numpy as np
 

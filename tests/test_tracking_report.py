@@ -39,6 +39,7 @@ def test_tensorboard_events_hold_every_round(tmp_path):
     assert [e.value for e in acc.Scalars("privacy/epsilon")] == [0.0, 1.0, 2.0]
 
 
+@pytest.mark.slow  # MLflow start-up
 def test_mlflow_records_metrics_and_params(tmp_path):
     import mlflow
 
