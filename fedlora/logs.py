@@ -17,6 +17,12 @@ for _category, _message in _NOISE:
 
 
 def setup_logging(level: int = logging.INFO) -> logging.Logger:
+    # Flower's logger has its own console handler; inside a Ray actor its records also
+    # reached the root logger Ray configures, so every Flower line was printed twice
+    # (once plain, once with a date prefix).
+    flwr_log = logging.getLogger("flwr")
+    if flwr_log.handlers:
+        flwr_log.propagate = False
     log = logging.getLogger("fedlora")
     if not log.handlers:
         handler = logging.StreamHandler(sys.stderr)

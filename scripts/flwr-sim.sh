@@ -23,19 +23,24 @@ nodes="${FEDLORA_NODES:-3}"
 cpus="${FEDLORA_CLIENT_CPUS:-$(( $(nproc) / nodes > 0 ? $(nproc) / nodes : 1 ))}"
 mkdir -p "$FLWR_HOME" outputs
 
-before=$(pgrep -f "flower-superlink" | sort || true)
-stop_superlink() {
-  local mine=()
-  for pid in $(pgrep -f "flower-superlink" | sort); do
-    grep -qx "$pid" <<<"$before" || mine+=("$pid")
+# Only the SuperLink `flwr run` starts for this FLWR_HOME (its command line names
+# its log file there): other SuperLinks on this machine are left alone.
+mine_superlinks() {
+  for pid in $(pgrep -f "flower-superlink" || true); do
+    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$FLWR_HOME/local-superlink/" && echo "$pid"
   done
-  [ ${#mine[@]} -gt 0 ] || return 0
-  kill "${mine[@]}" 2>/dev/null || true
+  return 0
+}
+stop_superlink() {
+  local mine
+  mine=$(mine_superlinks)
+  [ -n "$mine" ] || return 0
+  kill $mine 2>/dev/null || true
   for _ in $(seq 20); do  # it shuts down gracefully within a few seconds
-    kill -0 "${mine[@]}" 2>/dev/null || return 0
+    kill -0 $mine 2>/dev/null || return 0
     sleep 0.5
   done
-  kill -9 "${mine[@]}" 2>/dev/null || true
+  kill -9 $mine 2>/dev/null || true
 }
 trap stop_superlink EXIT
 

@@ -21,9 +21,18 @@ pytestmark = pytest.mark.slow  # end-to-end simulations: `pytest -m "not slow"` 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _superlinks() -> set[str]:
+def _superlinks(home) -> set[str]:
+    """The local SuperLinks `flwr run` started for FLWR_HOME ``home`` (their command line names it)."""
     out = subprocess.run(["pgrep", "-f", "flower-superlink"], capture_output=True, text=True)
-    return set(out.stdout.split())
+    mine = set()
+    for pid in out.stdout.split():
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if f"{home}/local-superlink/" in cmdline:
+            mine.add(pid)
+    return mine
 
 
 def _flwr_sim(tmp_path, *overrides, port_base=39300):
@@ -35,9 +44,8 @@ def _flwr_sim(tmp_path, *overrides, port_base=39300):
         "FLWR_LOCAL_CONTROL_API_PORT": str(port_base + 3),
         "PATH": f"{Path(os.sys.executable).parent}:{os.environ['PATH']}",
     }
-    before = _superlinks()
     proc = subprocess.run([str(ROOT / "scripts" / "flwr-sim.sh"), *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert _superlinks() <= before, "the SuperLink started for the run is still running"
+    assert not _superlinks(env["FLWR_HOME"]), "the SuperLink started for the run is still running"
     return proc
 
 
@@ -93,14 +101,13 @@ def _plain_flwr_run(tmp_path, *flwr_args, port_base):
         f'dataset="{task}" output-dir="{tmp_path / "out"}" cache-dir="{tmp_path / "cache"}" '
         "num-server-rounds=1 local-steps=2 batch-size=16 node-wait-timeout=120"
     )
-    before = _superlinks()
     try:
         proc = subprocess.run(
             [flwr, "run", ".", "--stream", "--run-config", config, *flwr_args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
         )
         ls = subprocess.run([flwr, "ls", "--format", "json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     finally:
-        for pid in _superlinks() - before:  # `flwr run` leaves its local SuperLink running
+        for pid in _superlinks(home):  # `flwr run` leaves its local SuperLink running
             os.kill(int(pid), signal.SIGTERM)
     runs = json.loads(ls.stdout).get("runs", [])
     return proc.stdout + proc.stderr, [r.get("status") for r in runs]
