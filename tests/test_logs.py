@@ -1,0 +1,35 @@
+"""What a run prints is readable: Flower's lines once, known library noise silenced."""
+
+import logging
+import warnings
+
+from fedlora.logs import setup_logging
+
+
+def test_flower_lines_are_not_printed_again_by_the_root_logger(capsys):
+    root = logging.getLogger()
+    handler = logging.StreamHandler()  # what Ray sets up in its actors: a root handler with a date format
+    handler.setFormatter(logging.Formatter("%(asctime)s:%(levelname)s:%(message)s"))
+    root.addHandler(handler)
+    try:
+        setup_logging()
+        logging.getLogger("flwr").warning("Manually terminating ClientAppActor")
+    finally:
+        root.removeHandler(handler)
+    out = capsys.readouterr()
+    printed = out.out + out.err
+    assert printed.count("Manually terminating ClientAppActor") == 1, printed
+
+
+def test_the_noise_filters_match_the_library_messages():
+    import fedlora  # noqa: F401  (installs the filters)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        import fedlora.logs as logs  # the filters are re-applied here, after simplefilter reset them
+
+        for category, message in logs._NOISE:
+            warnings.filterwarnings("ignore", message=message, category=category)
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning, stacklevel=1)
+        warnings.warn("something else", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["something else"]
