@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord
 from torch import nn
@@ -37,6 +38,46 @@ log = logging.getLogger("fedlora")
 
 class FingerprintMismatch(RuntimeError):
     """This node's shared frozen tensors (e.g. FFA-LoRA's A) are not the run's."""
+
+
+class NonFiniteUpdate(RuntimeError):
+    """Training produced a non-finite update; the node does not send it."""
+
+
+def zero_nonfinite_examples(params) -> int:
+    """Set to zero every per-sample gradient (Opacus' ``grad_sample``) of an example
+    whose gradient is non-finite in any parameter; return how many examples.
+
+    Without this, one example with an infinite gradient makes the clipped sum NaN
+    (Opacus' clip factor times inf), and whether the update is finite would tell
+    whether that example was drawn: a signal the accountant does not cover. A
+    zero gradient is within the clipping bound, so the guarantee is unchanged."""
+    samples = [p for p in params if getattr(p, "grad_sample", None) is not None]
+    if not samples:
+        return 0
+    for p in samples:  # Opacus may keep a list of per-sample gradients per parameter
+        if isinstance(p.grad_sample, list):
+            p.grad_sample = torch.cat(p.grad_sample, dim=0)
+    bad = torch.zeros(samples[0].grad_sample.shape[0], dtype=torch.bool, device=samples[0].grad_sample.device)
+    for p in samples:
+        bad |= ~torch.isfinite(p.grad_sample.reshape(p.grad_sample.shape[0], -1)).all(dim=1)
+    if bad.any():
+        for p in samples:
+            p.grad_sample[bad] = 0
+    return int(bad.sum())
+
+
+def drop_nonfinite_examples(optimizer):
+    """``optimizer`` (an Opacus DPOptimizer) with ``zero_nonfinite_examples`` run before each clipping."""
+    clip_and_accumulate = optimizer.clip_and_accumulate
+
+    def sanitised_clip_and_accumulate() -> None:
+        if dropped := zero_nonfinite_examples(optimizer.params):
+            log.warning("%d example(s) with a non-finite gradient contributed zero to this step", dropped)
+        clip_and_accumulate()
+
+    optimizer.clip_and_accumulate = sanitised_clip_and_accumulate
+    return optimizer
 
 
 class LedgerMismatch(RuntimeError):
@@ -243,7 +284,7 @@ def train_round(
         privacy.reset_per_sample_state(rt.dp_model)
         noise_gen = None if rt.private else round_generator(run.seed, server_round, rt.stream, 1)
         expected = max(1, round(ledger.sample_rate * rt.num_examples))
-        dp_opt = privacy.dp_optimizer(opt, ledger, run.dp.max_grad_norm, expected, noise_gen)
+        dp_opt = drop_nonfinite_examples(privacy.dp_optimizer(opt, ledger, run.dp.max_grad_norm, expected, noise_gen))
         batches = privacy.poisson_batches(rt.num_examples, ledger.sample_rate, cfg.local_steps, sample_gen)
         result = training.train(rt.dp_model, rt.train_data, batches, dp_opt, cfg.local_steps, progress)
         # Every drawn step counts, empty batches included: the accountant assumes them.
@@ -254,6 +295,9 @@ def train_round(
         result = training.train(rt.model, rt.train_data, batches, opt, cfg.local_steps, progress)
         epsilon = 0.0
     payload = wire.to_arrays(rt.model, wire.up_names(rt.model, ex))
+    if not all(np.isfinite(payload[k].numpy()).all() for k in payload.keys()):
+        # Never sent: whether an update is finite must not depend on which examples were drawn.
+        raise NonFiniteUpdate("this round's update has non-finite values: not sent")
     metrics = {
         "num-examples": rt.num_examples,
         "epsilon": epsilon,

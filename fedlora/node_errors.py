@@ -17,6 +17,7 @@ MESSAGES = {
     "E_POLICY": "the run asks for more than this node's privacy policy allows",
     "E_BUDGET": "privacy budget exhausted: the node will not train further in this run",
     "E_LEDGER": "this node's stored privacy ledger does not match the run's privacy settings",
+    "E_NONFINITE": "this node's update was not finite, and was not sent",
     "E_FINGERPRINT": "this node's shared frozen tensors differ from the run's (seed, model, lora.* settings or library versions)",
     "E_NODE_CONFIG": "this node's own node config is invalid; its operator must fix it",
     "E_CONFIG": "the run config cannot be used with this node's model or data",
@@ -38,7 +39,7 @@ class NodeError(RuntimeError):
 
 def classify(exc: BaseException) -> NodeError:
     """The code (and, for a config error, the public key name) for ``exc``."""
-    from .node import FingerprintMismatch, LedgerMismatch  # node imports nothing from here; avoid a cycle at import
+    from .node import FingerprintMismatch, LedgerMismatch, NonFiniteUpdate  # node imports nothing from here
 
     if isinstance(exc, NodeError):
         return exc
@@ -46,6 +47,8 @@ def classify(exc: BaseException) -> NodeError:
         return NodeError("E_POLICY", exc.key)
     if isinstance(exc, BudgetExhausted):
         return NodeError("E_BUDGET")
+    if isinstance(exc, NonFiniteUpdate):
+        return NodeError("E_NONFINITE")
     if isinstance(exc, LedgerMismatch):
         return NodeError("E_LEDGER")
     if isinstance(exc, FingerprintMismatch):
