@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_rows, write_jsonl
 from fedlora import node, wire
 from fedlora.config import parse_run_config
+
+from conftest import make_rows, write_jsonl
 
 
 @pytest.fixture
