@@ -286,13 +286,13 @@ def train_round(
         expected = max(1, round(ledger.sample_rate * rt.num_examples))
         dp_opt = drop_nonfinite_examples(privacy.dp_optimizer(opt, ledger, run.dp.max_grad_norm, expected, noise_gen))
         batches = privacy.poisson_batches(rt.num_examples, ledger.sample_rate, cfg.local_steps, sample_gen)
-        result = training.train(rt.dp_model, rt.train_data, batches, dp_opt, cfg.local_steps, progress)
+        result = training.train(rt.dp_model, rt.train_data, batches, dp_opt, cfg.local_steps, progress, micro_batch_size=cfg.micro_batch_size)
         # Every drawn step counts, empty batches included: the accountant assumes them.
         ledger.record(cfg.local_steps)
         epsilon = ledger.epsilon()
     else:
         batches = training.shuffled_batches(rt.num_examples, cfg.batch_size, cfg.local_steps, sample_gen or _entropy_generator())
-        result = training.train(rt.model, rt.train_data, batches, opt, cfg.local_steps, progress)
+        result = training.train(rt.model, rt.train_data, batches, opt, cfg.local_steps, progress, micro_batch_size=cfg.micro_batch_size)
         epsilon = 0.0
     payload = wire.to_arrays(rt.model, wire.up_names(rt.model, ex))
     if not all(np.isfinite(payload[k].numpy()).all() for k in payload.keys()):

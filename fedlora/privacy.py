@@ -48,13 +48,19 @@ def calibrate_noise(dp: DPConfig, sample_rate: float, total_steps: int) -> float
     try:
         return float(
             get_noise_multiplier(
-                target_epsilon=dp.epsilon, target_delta=dp.delta, sample_rate=sample_rate,
-                steps=total_steps, accountant=ACCOUNTANT, epsilon_tolerance=EPSILON_TOLERANCE, alphas=ALPHAS,
+                target_epsilon=dp.epsilon,
+                target_delta=dp.delta,
+                sample_rate=sample_rate,
+                steps=total_steps,
+                accountant=ACCOUNTANT,
+                epsilon_tolerance=EPSILON_TOLERANCE,
+                alphas=ALPHAS,
             )
         )
     except ValueError as e:  # Opacus: "The privacy budget is too low."
         raise ConfigError(
-            "dp.epsilon", dp.epsilon,
+            "dp.epsilon",
+            dp.epsilon,
             f"unreachable with delta {dp.delta} over {total_steps} steps at sampling rate {sample_rate:.4g} ({e})",
         ) from e
 
@@ -80,7 +86,7 @@ class PrivacyLedger:
     history: list[tuple[float, float, int]] = field(default_factory=list)
 
     @classmethod
-    def plan(cls, dp: DPConfig, num_examples: int, batch_size: int, planned_steps: int) -> "PrivacyLedger":
+    def plan(cls, dp: DPConfig, num_examples: int, batch_size: int, planned_steps: int) -> PrivacyLedger:
         """Calibrate once for the whole run: every local step of every round."""
         sample_rate = min(1.0, batch_size / num_examples)
         sigma = calibrate_noise(dp, sample_rate, planned_steps)
@@ -119,7 +125,7 @@ class PrivacyLedger:
         return json.dumps(self.__dict__)
 
     @classmethod
-    def from_json(cls, text: str) -> "PrivacyLedger":
+    def from_json(cls, text: str) -> PrivacyLedger:
         d = json.loads(text)
         d["history"] = [tuple(h) for h in d["history"]]
         return cls(**d)
@@ -135,8 +141,9 @@ def wrap_model(model: nn.Module) -> nn.Module:
 
 def reset_per_sample_state(model: nn.Module) -> None:
     """Drop any per-sample state Opacus left on a (shared) model, e.g. after a
-    round that failed between backward and step: left in place it would be
-    merged into the next node's clipped sum."""
+    round that failed between backward and step, or between the micro-batches
+    of a logical batch (``training.train``): left in place it would be merged
+    into the next node's clipped sum."""
     for module in model.modules():
         module.__dict__.pop("activations", None)
         module.__dict__.pop("max_batch_len", None)
@@ -146,6 +153,8 @@ def reset_per_sample_state(model: nn.Module) -> None:
             del p._current_grad_sample
         if hasattr(p, "grad_sample"):
             p.grad_sample = None  # Opacus expects the attribute to exist
+        if hasattr(p, "summed_grad"):
+            p.summed_grad = None  # the clipped sum of the micro-batches so far
         if hasattr(p, "_forward_counter"):
             p._forward_counter = 0
 
@@ -188,8 +197,12 @@ def dp_optimizer(optimizer: torch.optim.Optimizer, ledger: PrivacyLedger, max_gr
 
     cls = DPOptimizer if generator is not None else SecureNoiseDPOptimizer
     return cls(
-        optimizer, noise_multiplier=ledger.noise_multiplier, max_grad_norm=max_grad_norm,
-        expected_batch_size=expected_batch_size, loss_reduction="mean", generator=generator,
+        optimizer,
+        noise_multiplier=ledger.noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=expected_batch_size,
+        loss_reduction="mean",
+        generator=generator,
     )
 
 

@@ -139,3 +139,17 @@ def test_the_node_store_keeps_one_id_for_ledger_reply_and_personal_state(tmp_pat
     assert store.load_personal(1) is None
     store.save_personal(1, arrays)
     assert store.load_personal(0) is None and store.load_personal(5) is not None
+
+
+def test_micro_batch_size_reaches_local_training(run, monkeypatch):
+    import dataclasses
+
+    from fedlora import training
+
+    seen = []
+    real = training.train
+    monkeypatch.setattr(training, "train", lambda *a, **k: seen.append(k.get("micro_batch_size")) or real(*a, **k))
+    micro = dataclasses.replace(run, train=dataclasses.replace(run.train, micro_batch_size=4))
+    rt = node.get_runtime(micro, {"partition-id": 0, "num-partitions": 3}, LABELS, train_lora_a=False)
+    node.train_round(rt, wire.to_arrays(rt.model), 1, node.plan_ledger(rt))
+    assert seen == [4]
