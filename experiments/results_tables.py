@@ -63,8 +63,10 @@ def sweep() -> None:
 
     for r in sorted(runs, key=lambda r: (-r.config.get("dp.epsilon", 3.0), r.config["strategy"], r.config["learning-rate"], schedule(r))):
         curve = " → ".join(f"{x['accuracy']:.3f}" for x in r.rows)
-        print(f"| {_eps(r.config.get('dp.epsilon', 3.0))} | {r.config['strategy']} | {r.config['learning-rate']:g} | "
-              f"{'{} × {}'.format(*schedule(r))} | {curve} | **{r.final['accuracy']:.4f}** | {r.final['epsilon']:.3f} |")
+        print(
+            f"| {_eps(r.config.get('dp.epsilon', 3.0))} | {r.config['strategy']} | {r.config['learning-rate']:g} | "
+            f"{'{} × {}'.format(*schedule(r))} | {curve} | **{r.final['accuracy']:.4f}** | {r.final['epsilon']:.3f} |"
+        )
     print(f"\n{len(runs)} runs complete, {partial} incomplete; {_wall('sst2-sweep')}.\n")
 
 
@@ -109,8 +111,11 @@ def communication(target: float) -> None:
 def alpha() -> None:
     runs, partial = _complete("sst2-alpha")
     # alpha = 16 is the main grid's cell with the same settings (sst2-alpha.toml says why).
-    main = [r for r in _complete("sst2")[0] if r.config.get("seed") == 0 and r.config.get("partition.method") == "iid"
-            and r.config.get("dp.epsilon") == 3.0 and r.config.get("lora.alpha") == 16]
+    main = [
+        r
+        for r in _complete("sst2")[0]
+        if r.config.get("seed") == 0 and r.config.get("partition.method") == "iid" and r.config.get("dp.epsilon") == 3.0 and r.config.get("lora.alpha") == 16
+    ]
     runs = runs + main
     groups = _by(runs, "strategy", "lora.alpha")
     alphas = sorted({r.config["lora.alpha"] for r in runs})
@@ -146,15 +151,19 @@ def rte() -> None:
 def methods() -> None:
     runs, partial = _complete("sst2-methods")
     print("### Every method, SST-2, IID, sample-level ε = 3\n")
-    print("| strategy | user-level DP | final accuracy | personalised (client eval) | kB up / client / round | kB down / client / round (last round) | user-level ε |")
+    print(
+        "| strategy | user-level DP | final accuracy | personalised (client eval) | kB up / client / round | kB down / client / round (last round) | user-level ε |"
+    )
     print("|---|---|---|---|---|---|---|")
     for (s, mode), reps in sorted(_by(runs, "strategy", "user-dp.mode").items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
         last = reps[0].final
         clients = max(1, last.get("clients") or 1)
         personal = [r.final["client_eval_accuracy"] for r in reps if r.final.get("client_eval_accuracy") is not None]
         user_eps = [r.final["user_epsilon"] for r in reps if r.final.get("user_epsilon") is not None]
-        print(f"| {s} | {mode or 'off'} | {_fmt([r.final['accuracy'] for r in reps])} | {_fmt(personal) if personal else '–'} | "
-              f"{last['bytes_up'] / clients / 1e3:.0f} | {last['bytes_down'] / clients / 1e3:.0f} | {_fmt(user_eps, 2) if user_eps else '–'} |")
+        print(
+            f"| {s} | {mode or 'off'} | {_fmt([r.final['accuracy'] for r in reps])} | {_fmt(personal) if personal else '–'} | "
+            f"{last['bytes_up'] / clients / 1e3:.0f} | {last['bytes_down'] / clients / 1e3:.0f} | {_fmt(user_eps, 2) if user_eps else '–'} |"
+        )
     print(f"\n{len(runs)} runs complete, {partial} incomplete; {_wall('sst2-methods')}.\n")
 
 
@@ -162,8 +171,12 @@ def lost_replies() -> None:
     """Runs in which some round aggregated fewer clients than it sampled: listed, so a
     number in the tables never hides a round that lost a client."""
     runs = find_runs([ROOT]) if os.path.isdir(ROOT) else []
-    lost = [(os.path.relpath(r.path, ROOT), x["round"], x["clients"], x["sampled"])
-            for r in runs for x in r.rows if x.get("sampled") and x.get("clients", 0) < x["sampled"]]
+    lost = [
+        (os.path.relpath(r.path, ROOT), x["round"], x["clients"], x["sampled"])
+        for r in runs
+        for x in r.rows
+        if x.get("sampled") and x.get("clients", 0) < x["sampled"]
+    ]
     print("### Rounds that lost a client\n")
     if not lost:
         print(f"None: in all {len(runs)} runs every round aggregated every sampled client.\n")
