@@ -6,19 +6,27 @@ import warnings
 from fedlora.logs import setup_logging
 
 
-def test_flower_lines_are_not_printed_again_by_the_root_logger(capsys):
-    root = logging.getLogger()
-    handler = logging.StreamHandler()  # what Ray sets up in its actors: a root handler with a date format
+def test_flower_lines_are_not_printed_again_by_the_root_logger():
+    import io
+
+    import flwr.common.logger  # noqa: F401  (Flower's logger and its console handler)
+
+    flwr_log, root = logging.getLogger("flwr"), logging.getLogger()
+    flwr_out, root_out = io.StringIO(), io.StringIO()
+    consoles = [h for h in flwr_log.handlers if isinstance(h, logging.StreamHandler)]
+    streams = [h.setStream(flwr_out) for h in consoles]
+    handler = logging.StreamHandler(root_out)  # what Ray sets up in its actors: a root handler with a date format
     handler.setFormatter(logging.Formatter("%(asctime)s:%(levelname)s:%(message)s"))
     root.addHandler(handler)
     try:
         setup_logging()
-        logging.getLogger("flwr").warning("Manually terminating ClientAppActor")
+        flwr_log.warning("Manually terminating ClientAppActor")
     finally:
         root.removeHandler(handler)
-    out = capsys.readouterr()
-    printed = out.out + out.err
-    assert printed.count("Manually terminating ClientAppActor") == 1, printed
+        for h, stream in zip(consoles, streams):
+            h.setStream(stream)
+    assert consoles and flwr_out.getvalue().count("Manually terminating ClientAppActor") == 1
+    assert "Manually terminating" not in root_out.getvalue()  # not a second time, with a date prefix
 
 
 def test_the_noise_filters_match_the_library_messages():
