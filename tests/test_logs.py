@@ -9,11 +9,12 @@ from fedlora.logs import setup_logging
 def test_flower_lines_are_not_printed_again_by_the_root_logger():
     import io
 
-    import flwr.common.logger  # noqa: F401  (Flower's logger and its console handler)
+    from flwr.common.logger import console_handler  # Flower's own console handler
 
     flwr_log, root = logging.getLogger("flwr"), logging.getLogger()
     flwr_out, root_out = io.StringIO(), io.StringIO()
-    consoles = [h for h in flwr_log.handlers if isinstance(h, logging.StreamHandler)]
+    # Only Flower's handler: other tests' capture handlers may be attached to the flwr logger too.
+    consoles = [h for h in flwr_log.handlers if h is console_handler]
     streams = [h.setStream(flwr_out) for h in consoles]
     handler = logging.StreamHandler(root_out)  # what Ray sets up in its actors: a root handler with a date format
     handler.setFormatter(logging.Formatter("%(asctime)s:%(levelname)s:%(message)s"))
