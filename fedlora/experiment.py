@@ -148,7 +148,7 @@ class Experiment:
                 # Accuracy of always predicting the most common eval label: the bar to beat.
                 "eval-majority-accuracy": max(Counter(self.task.eval["label"]).values()) / len(self.task.eval),
             },
-            "model": {"path": resolve_model(self.run.model), "trainable-parameters": trainable, "parameters": total},
+            "model": {"path": "/".join(p for p in resolve_model(self.run.model) if p), "trainable-parameters": trainable, "parameters": total},
             "payload": {"tensors": sorted(self.initial_arrays.keys()), "bytes": wire.nbytes(self.initial_arrays)},
             "shared-fingerprint": self.fingerprint,
             "run-key": self.run_key,

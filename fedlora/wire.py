@@ -73,6 +73,56 @@ def load_arrays(model: nn.Module, arrays: ArrayRecord, *, sender: str = "server"
         p.copy_(torch.from_numpy(np.asarray(value, dtype=np.float32)))
 
 
+# -- the wire's number format ------------------------------------------------------
+
+BF16 = "bfloat16"  # Flower's Array.dtype of a bfloat16 payload (numpy has no bfloat16: the bits travel as uint16)
+_FP16_MAX = float(np.finfo(np.float16).max)
+
+
+def _bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), rounded to nearest even."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+    return np.where(np.isnan(x), np.uint16(0x7FC0), rounded)
+
+
+def _encode_array(key: str, value: np.ndarray, dtype: str) -> Array:
+    x = np.asarray(value, dtype=np.float32)
+    if dtype == "float32":
+        return Array(np.ascontiguousarray(x))
+    if dtype == "float16":
+        if np.isfinite(x).all() and np.abs(x).max(initial=0.0) > _FP16_MAX:
+            raise PayloadError(f"{key} has values beyond float16's range (±{_FP16_MAX:g}): use wire.dtype = bfloat16 or float32")
+        return Array(x.astype(np.float16))
+    if dtype == BF16:
+        shell = Array(_bf16_bits(x))  # the uint16 bits, serialised as .npy
+        return Array(dtype=BF16, shape=tuple(x.shape), stype=shell.stype, data=shell.data)
+    raise ValueError(f"unknown wire dtype {dtype!r}")
+
+
+def encode(arrays: ArrayRecord, dtype: str) -> ArrayRecord:
+    """A payload as it travels: every tensor rounded to ``dtype`` (``wire.dtype``)."""
+    return ArrayRecord({k: _encode_array(k, decode_array(arrays[k], k), dtype) for k in arrays.keys()})
+
+
+def decode_array(a: Array, key: str = "?", sender: str = "server") -> np.ndarray:
+    """A received tensor as float32 numpy, whatever number format it travelled in."""
+    if a.dtype == BF16:
+        bits = a.numpy()
+        if bits.dtype != np.uint16:
+            raise PayloadError(f"payload from {sender}: {key} claims bfloat16 but holds {bits.dtype}")
+        return (bits.astype(np.uint32) << 16).view(np.float32).reshape(bits.shape)
+    value = a.numpy()
+    if value.dtype not in (np.float32, np.float16, np.float64):
+        raise PayloadError(f"payload from {sender}: {key} has dtype {value.dtype}; expected float32, float16 or bfloat16")
+    return value.astype(np.float32, copy=False)
+
+
+def decode(arrays: ArrayRecord, sender: str = "server") -> ArrayRecord:
+    """A received payload with every tensor as float32 (what the node and the server compute with)."""
+    return ArrayRecord({k: Array(np.ascontiguousarray(decode_array(arrays[k], k, sender))) for k in arrays.keys()})
+
+
 def nbytes(arrays: ArrayRecord) -> int:
     """Serialised bytes of a payload's arrays: each tensor's data plus its
     small .npy header, without Flower's message framing."""

@@ -41,7 +41,8 @@ def test_registry_and_config_agree_on_strategies():
 def test_defaults_parse():
     run = parse_run_config({})
     assert run.strategy == "ffa-lora"
-    assert run.lora.target_modules == ("query", "value")
+    assert run.lora.target_modules == ()  # by architecture (model.target_modules)
+    assert run.task == "classification" and run.compute.device == "auto" and run.wire_dtype == "float32"
     assert run.dp.enabled and run.dp.delta == 1e-5
     assert run.node_wait_timeout == 300.0 and run.min_train_nodes == 2 and run.train.micro_batch_size == 0
     # The number of simulated nodes is node config (partition-id / num-partitions), not run config.
@@ -69,7 +70,12 @@ def test_defaults_parse():
         ("fraction-train", 1.5, "<= 1"),
         ("num-server-rounds", 0, ">= 1"),
         ("train-head", "maybe", "true or false"),
-        ("lora.target-modules", " , ", "at least one"),
+        ("device", "gpu", "auto, cpu, mps, cuda or cuda:N"),
+        ("device", "cuda:x", "auto, cpu, mps, cuda or cuda:N"),
+        ("precision", "fp16", "must be one of"),
+        ("task", "seq2seq", "must be one of"),
+        ("wire.dtype", "int8", "must be one of"),
+        ("eval.max-new-tokens", 0, ">= 1"),
         ("text-columns", "a,b,c", "at most two"),
         ("optimizer", "lbfgs", "must be one of"),
         ("no-such-key", 1, "unknown key"),

@@ -51,7 +51,7 @@ def _reload_accuracy(run_dir):
 
     cfg = json.load(open(os.path.join(run_dir, "config.json")))
     run = parse_run_config(cfg["run-config"])
-    base = AutoModelForSequenceClassification.from_pretrained(resolve_model(run.model), num_labels=len(cfg["data"]["label-names"]))
+    base = AutoModelForSequenceClassification.from_pretrained(resolve_model(run.model)[0], num_labels=len(cfg["data"]["label-names"]))
     model = PeftModel.from_pretrained(base, os.path.join(run_dir, "adapter"))
     task = load_task(run.data)
     data = encode(task.eval, load_tokenizer(run.model), task.text_columns, run.data.max_length)
