@@ -175,13 +175,13 @@ def flush_accuracy(train: Encoded, evals: Encoded, steps: int, batch_size: int =
         model = build_model(run, 2, train_lora_a=False)
         torch.manual_seed(0)  # MiniLM's dropout draws from the global generator
         if not out:
-            out["initial"] = training.evaluate(model, evals, 64)
+            out["initial"] = tuple(training.evaluate(model, evals, 64)[k] for k in ("loss", "accuracy"))
         gsm = privacy.wrap_model(model)
         opt = privacy.dp_optimizer(training.make_optimizer(_trainable(model), run.train), ledger, 1.0, batch_size, torch.Generator().manual_seed(1))
         batches = privacy.poisson_batches(len(train), ledger.sample_rate, steps, torch.Generator().manual_seed(0))
         r = training.train(gsm, train, batches, opt, steps, micro_batch_size=MICRO)
         gsm._close()
-        out[flush] = training.evaluate(model, evals, 64), [p.detach().clone() for p in _trainable(model)], r.seconds
+        out[flush] = tuple(training.evaluate(model, evals, 64)[k] for k in ("loss", "accuracy")), [p.detach().clone() for p in _trainable(model)], r.seconds
     set_flush(True)
     diff = max(float((a - b).abs().max()) for a, b in zip(out[False][1], out[True][1]))
     return {

@@ -8,7 +8,7 @@ import hashlib
 import logging
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import datasets
 import safetensors.torch
@@ -220,11 +220,14 @@ def normalise(ds: datasets.Dataset, data: DataConfig, label_names: tuple[str, ..
     return ds.add_column(LABEL, ids)
 
 
-def load_task(data: DataConfig, *, label_names: tuple[str, ...] | None = None) -> Task:
-    """Load, validate and normalise the run's dataset (both splits)."""
+def load_task(data: DataConfig, *, label_names: tuple[str, ...] | None = None, kind: str = "classification") -> Task:
+    """Load, validate and normalise the run's dataset (both splits) for the
+    run's ``task`` (``kind``)."""
     splits, source, synth = load_splits(data)
     if synth:
         data = DataConfig(**{**data.__dict__, "text_columns": ("text",), "label_column": LABEL})
+    if kind == "causal-lm":
+        return _lm_task(splits, data, source, synth, label_names)
     check_columns(splits["train"], data, f"the {data.train_split} split of {source}")
     names = label_names or label_names_of(splits["train"], data.label_column)
     if len(names) < 2:
@@ -234,11 +237,31 @@ def load_task(data: DataConfig, *, label_names: tuple[str, ...] | None = None) -
     return Task(train, evals, names, data.text_columns, source, synth)
 
 
-def load_node_data(path: str, data: DataConfig, label_names: tuple[str, ...]) -> datasets.Dataset:
+def _labelled(ds: datasets.Dataset, data: DataConfig) -> bool:
+    """A classification dataset to phrase as instructions (no chats, no prompt/response columns)."""
+    cols = ds.column_names
+    return MESSAGES not in cols and data.prompt_column not in cols and data.label_column in cols and all(c in cols for c in data.text_columns)
+
+
+def _lm_task(splits: dict, data: DataConfig, source: str, synth: bool, label_names: tuple[str, ...] | None) -> Task:
+    names = label_names or (label_names_of(splits["train"], data.label_column) if _labelled(splits["train"], data) else ())
+    out = {}
+    for name, split in (("train", data.train_split), ("eval", data.eval_split)):
+        where = f"the {split} split of {source}"
+        if len(splits[name]) == 0:
+            raise ConfigError("dataset", data.dataset, f"{where} is empty")
+        out[name] = to_instructions(splits[name], data, where, label_names=names, sst2=data.is_default)
+    columns = (MESSAGES,) if MESSAGES in out["train"].column_names else (PROMPT, RESPONSE)
+    return Task(out["train"], out["eval"], names, columns, source, synth)
+
+
+def load_node_data(path: str, data: DataConfig, label_names: tuple[str, ...], kind: str = "classification") -> datasets.Dataset:
     """A deployed node's private data (node config ``data-path``), used whole."""
     splits = read_local(path, data, key="node-config data-path")
     if "train" not in splits:
         raise ConfigError("node-config data-path", path, f"has no {data.train_split}* files")
+    if kind == "causal-lm":
+        return to_instructions(splits["train"], data, f"node data {path}", label_names=label_names, sst2=data.is_default)
     return normalise(splits["train"], data, label_names, f"node data {path}")
 
 
@@ -299,21 +322,42 @@ def _partitioner(ds: datasets.Dataset, cfg: PartitionConfig, num_partitions: int
 # -- tokenisation ------------------------------------------------------------------
 
 
+# Per-example tensors of a tokenised split that are not model inputs.
+PROMPT_LENGTH = "prompt_length"  # causal-lm: tokens before the response
+STOP_IDS = "meta.stop_ids"  # causal-lm: the tokens that end a response (dataset-level, not per example)
+
+
 @dataclass
 class Encoded:
     """A tokenised split held as tensors, padded to max-length; ``batch``
-    trims each batch to its longest sequence."""
+    trims each batch to its longest sequence. Classification: ``labels`` is a
+    label id per example; causal-lm: a token row with -100 outside the
+    response, ``prompt_length`` per example and the response stop tokens in
+    ``meta``."""
 
-    tensors: dict[str, torch.Tensor]  # input_ids, attention_mask[, token_type_ids], labels
+    tensors: dict[str, torch.Tensor]  # input_ids, attention_mask[, token_type_ids], labels[, prompt_length]
+    meta: dict[str, torch.Tensor] = field(default_factory=dict)
+    dropped: int = 0  # causal-lm: examples left out because prompt + response exceed max-length
 
     def __len__(self) -> int:
         return int(self.tensors["labels"].shape[0])
 
+    @property
+    def causal(self) -> bool:
+        return self.tensors["labels"].dim() == 2
+
     def batch(self, idx: torch.Tensor | list[int]) -> dict[str, torch.Tensor]:
+        """The model's inputs for examples ``idx`` (on the CPU)."""
         idx = torch.as_tensor(idx, dtype=torch.long)
         mask = self.tensors["attention_mask"][idx]
         width = max(int(mask.sum(1).max()), 1) if len(idx) else 1
-        return {k: (v[idx][:, :width] if v.dim() == 2 else v[idx]) for k, v in self.tensors.items()}
+        return {k: (v[idx][:, :width] if v.dim() == 2 else v[idx]) for k, v in self.tensors.items() if k != PROMPT_LENGTH}
+
+    def subset(self, n: int) -> Encoded:
+        """The first ``n`` examples (all if n is 0 or more than there are)."""
+        if n <= 0 or n >= len(self):
+            return self
+        return Encoded({k: v[:n] for k, v in self.tensors.items()}, self.meta, self.dropped)
 
 
 def _encode(ds: datasets.Dataset, tokenizer, text_columns: tuple[str, ...], max_length: int) -> Encoded:
@@ -325,24 +369,152 @@ def _encode(ds: datasets.Dataset, tokenizer, text_columns: tuple[str, ...], max_
 
 
 def encode(ds: datasets.Dataset, tokenizer, text_columns, max_length: int, cache_key: str | None = None, cache_dir: str | None = None) -> Encoded:
-    """Tokenise ``ds``; with a ``cache_key`` the tensors are kept on disk so a
-    node that starts a fresh process per message does not tokenise again."""
+    """Tokenise ``ds`` (classification, or causal-lm when it has prompts or
+    chats); with a ``cache_key`` the tensors are kept on disk so a node that
+    starts a fresh process per message does not tokenise again."""
+    causal = is_lm_dataset(ds)
+
+    def tokenise() -> Encoded:
+        return encode_lm(ds, tokenizer, max_length) if causal else _encode(ds, tokenizer, text_columns, max_length)
+
     if not (cache_key and cache_dir):
-        return _encode(ds, tokenizer, text_columns, max_length)
+        return tokenise()
+    template = getattr(tokenizer, "chat_template", None) or ""
     digest = hashlib.sha256(
-        f"{cache_key}|{getattr(tokenizer, 'name_or_path', '')}|{len(tokenizer)}|{text_columns}|{max_length}|{len(ds)}".encode()
+        f"{cache_key}|{getattr(tokenizer, 'name_or_path', '')}|{len(tokenizer)}|{text_columns}|{max_length}|{len(ds)}|{causal}|{template}".encode()
     ).hexdigest()[:24]
     # safetensors: loading it runs no code, whatever is in the file (unlike a pickle).
     path = os.path.join(cache_dir, "tokens", f"{digest}.safetensors")
     if os.path.exists(path):
         try:
-            return Encoded(safetensors.torch.load_file(path))
+            loaded = safetensors.torch.load_file(path)
+            meta = {k: v for k, v in loaded.items() if k.startswith("meta.")}
+            dropped = int(meta.pop("meta.dropped", torch.zeros(1)).item())
+            return Encoded({k: v for k, v in loaded.items() if not k.startswith("meta.")}, meta, dropped)
         except Exception as e:  # a torn or stale file: re-tokenise
             log.warning("ignoring unreadable token cache %s (%s)", path, e)
-    out = _encode(ds, tokenizer, text_columns, max_length)
-    data = safetensors.torch.save({k: v.contiguous() for k, v in out.tensors.items()})
+    out = tokenise()
+    tensors = {**out.tensors, **out.meta, "meta.dropped": torch.tensor([out.dropped])}
+    data = safetensors.torch.save({k: v.contiguous() for k, v in tensors.items()})
     write_atomic(path, data, 0o600)  # owner-only (it can be turned back into the text); never half a file
     return out
+
+
+# -- causal-LM data: prompts and responses -------------------------------------------
+
+PROMPT, RESPONSE, MESSAGES = "prompt", "response", "messages"  # the columns of a normalised causal-lm split
+SST2_WORDS = ("negative", "positive")
+SST2_TEMPLATE = "Review: {text}\nIs the sentiment of this movie review positive or negative? Answer with one word."
+GENERIC_TEMPLATE = "{text}\n\nAnswer with one of: {choices}."
+PAIR_TEMPLATE = "{text}\n{text2}\n\nAnswer with one of: {choices}."
+
+
+def is_lm_dataset(ds: datasets.Dataset) -> bool:
+    return (PROMPT in ds.column_names and RESPONSE in ds.column_names) or MESSAGES in ds.column_names
+
+
+def _check_chats(ds: datasets.Dataset, where: str) -> None:
+    for i, chat in enumerate(ds[MESSAGES]):
+        ok = isinstance(chat, list) and len(chat) >= 2 and all(isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") for m in chat)
+        if not ok or chat[-1]["role"] != "assistant":
+            raise ConfigError(
+                "dataset", where, f"row {i} of column 'messages' must be a list of {{role, content}} turns ending with the assistant's (the response)"
+            )
+
+
+def to_instructions(ds: datasets.Dataset, data: DataConfig, where: str, *, label_names: tuple[str, ...] = (), sst2: bool = False) -> datasets.Dataset:
+    """A split as causal-lm examples: its chats (``messages``), its prompt and
+    response columns, or, for a labelled dataset (text and label columns), each
+    text phrased as an instruction (``prompt-template``) answered by its
+    label's word (``label-words``); the ``label`` column is kept (partitioning)."""
+    cols = ds.column_names
+    if MESSAGES in cols:
+        _check_chats(ds, where)
+        return ds.select_columns([MESSAGES])
+    if data.prompt_column in cols or data.response_column in cols:
+        for key, col in (("prompt-column", data.prompt_column), ("response-column", data.response_column)):
+            if col not in cols:
+                raise ConfigError(key, col, f"column not in {where} (columns: {cols})")
+            if any(v is None for v in ds[col]):
+                raise ConfigError(key, col, f"{where} has missing (null) values")
+        ds = ds.select_columns([data.prompt_column, data.response_column])
+        ds = ds.rename_columns({c: n for c, n in ((data.prompt_column, PROMPT), (data.response_column, RESPONSE)) if c != n})
+        return ds.cast_column(PROMPT, datasets.Value("string")).cast_column(RESPONSE, datasets.Value("string"))
+    if not all(c in cols for c in data.text_columns) or data.label_column not in cols:
+        raise ConfigError(
+            "prompt-column",
+            data.prompt_column,
+            f"{where} has neither prompt/response columns, nor 'messages', nor text and label columns to phrase as instructions (columns: {cols})",
+        )
+    names = label_names or label_names_of(ds, data.label_column)
+    words = data.label_words or (SST2_WORDS if sst2 and len(names) == 2 else names)
+    if len(words) != len(names):
+        raise ConfigError("label-words", ",".join(data.label_words), f"needs one word per label: {len(names)} labels {list(names)}")
+    template = data.prompt_template or (SST2_TEMPLATE if sst2 else PAIR_TEMPLATE if len(data.text_columns) == 2 else GENERIC_TEMPLATE)
+    ds = normalise(ds, data, names, where)
+    choices = ", ".join(words)
+
+    def phrase(row: dict) -> dict:
+        texts = {"text": row[data.text_columns[0]], "text2": row[data.text_columns[-1]], "choices": choices}
+        try:
+            prompt = template.format(**texts)
+        except (KeyError, IndexError, ValueError) as e:
+            raise ConfigError("prompt-template", template, f"use only {{text}}, {{text2}} and {{choices}} ({e})") from None
+        return {PROMPT: prompt, RESPONSE: words[row[LABEL]]}
+
+    return ds.map(phrase, remove_columns=list(data.text_columns))
+
+
+def _render(tokenizer, prompt_turns: list[dict], response: str) -> tuple[str, str]:
+    """(prompt text, response text with its end-of-turn), in the model's chat
+    template when it has one, else the prompt, a newline, the response and EOS."""
+    if getattr(tokenizer, "chat_template", None):
+        prompt = tokenizer.apply_chat_template(prompt_turns, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template([*prompt_turns, {"role": "assistant", "content": response}], tokenize=False)
+        if full.startswith(prompt):
+            return prompt, full[len(prompt) :]
+        return prompt, response + (tokenizer.eos_token or "")
+    end = tokenizer.eos_token or tokenizer.sep_token or ""
+    return "\n".join(t["content"] for t in prompt_turns) + "\n", response + end
+
+
+def encode_lm(ds: datasets.Dataset, tokenizer, max_length: int) -> Encoded:
+    """Tokenise causal-lm examples: ``labels`` are the response's tokens (the
+    loss counts them only), -100 elsewhere. An example whose prompt and
+    response do not fit ``max_length`` is left out (counted in ``dropped``,
+    never cut: a cut response would teach a wrong answer)."""
+    end_ids = {i for i in (tokenizer.eos_token_id, getattr(tokenizer, "sep_token_id", None)) if i is not None}
+    special = set(tokenizer.all_special_ids)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and not getattr(tokenizer, "chat_template", None) else []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    rows, prompt_lengths, stops, dropped = [], [], set(), 0
+    chats = (
+        ds[MESSAGES]
+        if MESSAGES in ds.column_names
+        else ([{"role": "user", "content": p}, {"role": "assistant", "content": r}] for p, r in zip(ds[PROMPT], ds[RESPONSE]))
+    )
+    for chat in chats:
+        prompt, response = _render(tokenizer, chat[:-1], chat[-1]["content"])
+        p = bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        r = tokenizer(response, add_special_tokens=False)["input_ids"]
+        if len(p) + len(r) > max_length or not r:
+            dropped += 1
+            continue
+        stops |= {t for t in r if t in special}
+        rows.append((p, r))
+        prompt_lengths.append(len(p))
+    n = len(rows)
+    input_ids = torch.full((n, max_length), pad, dtype=torch.long)
+    mask = torch.zeros((n, max_length), dtype=torch.long)
+    labels = torch.full((n, max_length), -100, dtype=torch.long)
+    for i, (p, r) in enumerate(rows):
+        ids = p + r
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        mask[i, : len(ids)] = 1
+        labels[i, len(p) : len(ids)] = torch.tensor(r)
+    tensors = {"input_ids": input_ids, "attention_mask": mask, "labels": labels, PROMPT_LENGTH: torch.tensor(prompt_lengths, dtype=torch.long)}
+    stop_ids = torch.tensor(sorted(stops or end_ids), dtype=torch.long)
+    return Encoded(tensors, {STOP_IDS: stop_ids}, dropped)
 
 
 def file_signature(source: str) -> str:

@@ -20,9 +20,9 @@ import numpy as np
 from flwr.app import ArrayRecord, MetricRecord
 
 from . import data as data_mod
-from . import wire
+from . import devices, wire
 from .config import ConfigError, RunConfig, parse_run_config
-from .model import build_model, count_parameters, load_tokenizer, resolve_model
+from .model import build_model, count_parameters, is_head, is_lora_a, is_lora_b, load_tokenizer, resolve_model
 from .run_folder import RunFolder, config_diff, latest_checkpointed_run, portable
 from .strategies import FedLoraStrategy, get_strategy
 from .tracking import check_available, make_tracker, round_scalars
@@ -48,6 +48,15 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _quality(measured: dict[str, float]) -> str:
+    """The eval metrics for a log line: accuracy (exact match) when measured, loss, perplexity."""
+    parts = [f"acc {measured['accuracy']:.4f}"] if "accuracy" in measured else []
+    parts.append(f"loss {measured['loss']:.4f}")
+    if "perplexity" in measured:
+        parts.append(f"ppl {measured['perplexity']:.2f}")
+    return " ".join(parts)
+
+
 class Experiment:
     """Everything the ServerApp does besides talking to nodes.
 
@@ -66,14 +75,31 @@ class Experiment:
             raise ConfigError("lora.client-ranks", ",".join(map(str, run.lora.client_ranks)), f"strategy {run.strategy} cannot aggregate mixed ranks")
         check_available(run.tracking)
         # Load and check everything a run needs before any node trains.
-        self.task = data_mod.load_task(run.data)
+        self.task = data_mod.load_task(run.data, kind=run.task)
         if run.partition.method == "pathological" and run.partition.classes_per_client > self.task.num_labels:
             raise ConfigError("partition.classes-per-client", run.partition.classes_per_client, f"exceeds the {self.task.num_labels} classes")
+        if run.partition.method != "iid" and "label" not in self.task.train.column_names:
+            raise ConfigError("partition.method", run.partition.method, "partitions by label, and this causal-lm dataset has no labels: use iid")
         if run.dp.enabled and run.fraction_evaluate > 0:
             log.warning("fraction-evaluate > 0 with DP: client-side evaluation metrics are released without DP")
-        self.model = build_model(run, self.task.num_labels, self.method.train_lora_a)
+        # The server evaluates centrally, on its own device (the run's `device`).
+        self.device = devices.resolve_device(run.compute.device)
+        devices.check_precision(run.compute, self.device)
+        self.model = build_model(run, self.task.num_labels, self.method.train_lora_a, device=self.device)
+        if run.compute.precision == "bf16":
+            devices.keep_trainable_fp32(self.model)
         tokenizer = load_tokenizer(run.model)
-        self.eval_data = data_mod.encode(self.task.eval, tokenizer, self.task.text_columns, run.data.max_length)
+        evals = self.task.eval
+        if 0 < run.eval.max_examples < len(evals):
+            evals = evals.select(range(run.eval.max_examples))  # a fixed subset: the same every round
+        self.eval_split = evals
+        self.eval_data = data_mod.encode(evals, tokenizer, self.task.text_columns, run.data.max_length)
+        if self.eval_data.dropped:
+            log.warning(
+                "%d of %d evaluation examples do not fit max-length = %d (prompt + response): left out", self.eval_data.dropped, len(evals), run.data.max_length
+            )
+        if len(self.eval_data) == 0:
+            raise ConfigError("max-length", run.data.max_length, "no evaluation example fits (prompt + response)")
         ex = self.method.exchange
         # The server's state: the method's global tensors (for most methods its trainable set).
         self.initial_arrays = wire.to_arrays(self.model, wire.global_names(self.model, ex))
@@ -144,17 +170,51 @@ class Experiment:
                 "label-names": list(self.task.label_names),
                 "text-columns": list(self.task.text_columns),
                 "train-examples": len(self.task.train),
-                "eval-examples": len(self.task.eval),
-                # Accuracy of always predicting the most common eval label: the bar to beat.
-                "eval-majority-accuracy": max(Counter(self.task.eval["label"]).values()) / len(self.task.eval),
+                "eval-examples": len(self.eval_data),
+                **({"eval-dropped-too-long": self.eval_data.dropped} if self.run.task == "causal-lm" else {}),
+                # Accuracy of always predicting the most common eval label (answer): the bar to beat.
+                "eval-majority-accuracy": self._majority(),
             },
-            "model": {"path": "/".join(p for p in resolve_model(self.run.model) if p), "trainable-parameters": trainable, "parameters": total},
-            "payload": {"tensors": sorted(self.initial_arrays.keys()), "bytes": wire.nbytes(self.initial_arrays)},
+            "model": {
+                "path": "/".join(p for p in resolve_model(self.run.model) if p),
+                "task": self.run.task,
+                "device": str(self.device),
+                "trainable-parameters": trainable,
+                "parameters": total,
+            },
+            "payload": self._payload_sizes(),
             "shared-fingerprint": self.fingerprint,
             "run-key": self.run_key,
             # Each node calibrates its own noise multiplier for its data size; it reports it every round.
             "dp": {"accountant": "rdp"},
             "versions": _versions(),
+        }
+
+    def _majority(self) -> float:
+        split = self.eval_split
+        if "label" in split.column_names:
+            answers = split["label"]
+        elif data_mod.RESPONSE in split.column_names:
+            answers = split[data_mod.RESPONSE]
+        else:
+            answers = [chat[-1]["content"] for chat in split[data_mod.MESSAGES]]
+        return max(Counter(answers).values()) / len(answers)
+
+    def _payload_sizes(self) -> dict[str, Any]:
+        """What one upload holds, and its size against vanilla LoRA's (A and B,
+        and the head if it trains) for the same layers: from the shapes, since
+        FFA-LoRA's saving is not one half where A and B differ in size
+        (B is d_out x r, A is r x d_in)."""
+        up = wire.to_arrays(self.model, wire.up_names(self.model, self.method.exchange))
+        lora = sum(p.numel() for n, p in self.model.named_parameters() if is_lora_a(n) or is_lora_b(n) or (is_head(n) and p.requires_grad))
+        values = sum(int(np.prod(a.shape)) for a in up.values())
+        return {
+            "tensors": sorted(self.initial_arrays.keys()),
+            "bytes": wire.nbytes(self.initial_arrays),
+            "upload-values": values,
+            "upload-bytes-on-wire": wire.nbytes(wire.encode(up, self.run.wire_dtype)),
+            "wire-dtype": self.run.wire_dtype,
+            "upload-values-vs-lora": values / lora if lora else None,
         }
 
     def _resume_from(self, folder: RunFolder) -> None:
@@ -224,9 +284,15 @@ class Experiment:
         """Centralised evaluation of the global adapter; writes the round's metrics line."""
         wire.load_global(self.model, arrays, self.method.exchange)
         self.final_arrays = arrays
-        loss, acc = evaluate(self.model, self.eval_data, self.run.train.eval_batch_size)
+        run = self.run
+        precision = (lambda: devices.autocast(run.compute, self.device)) if run.compute.precision == "bf16" else None
+        measured = evaluate(
+            self.model, self.eval_data, run.train.eval_batch_size, precision=precision, generate=run.eval.generate, max_new_tokens=run.eval.max_new_tokens
+        )
+        acc, loss = measured.get("accuracy"), measured["loss"]  # causal-lm without eval.generate: no accuracy
         stats = self.strategy.rounds.get(server_round) if self.strategy else None
         row = self._metrics_row(server_round, acc, loss, stats)
+        row.update({k: v for k, v in measured.items() if k not in ("accuracy", "loss")})  # perplexity, exact_match
         self.folder.append_metrics(row)
         self.tracker.log_round(server_round, round_scalars(row))
         if stats:
@@ -234,12 +300,11 @@ class Experiment:
         eps = f"eps {row['epsilon']:.3f}/{self.run.dp.epsilon:g}" if self.run.dp.enabled else "non-private"
         if stats:
             log.info(
-                "round %d/%d | %s | acc %.4f loss %.4f | %s | up %.1f KB down %.1f KB | %d/%d clients%s | %.1fs",
+                "round %d/%d | %s | %s | %s | up %.1f KB down %.1f KB | %d/%d clients%s | %.1fs",
                 server_round,
                 self.run.num_server_rounds,
                 self.run.strategy,
-                acc,
-                loss,
+                _quality(measured),
                 eps,
                 row["bytes_up"] / 1024,
                 row["bytes_down"] / 1024,
@@ -249,8 +314,8 @@ class Experiment:
                 row["seconds"],
             )
         else:
-            log.info("round 0 (initial model) | acc %.4f loss %.4f", acc, loss)
-        return MetricRecord({"accuracy": acc, "loss": loss})
+            log.info("round 0 (initial model) | %s", _quality(measured))
+        return MetricRecord(measured)
 
     def _metrics_row(self, server_round: int, acc: float, loss: float, stats) -> dict[str, Any]:
         """One line of metrics.jsonl."""

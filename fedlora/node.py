@@ -28,7 +28,7 @@ from flwr.app import ArrayRecord
 from torch import nn
 
 from . import data as data_mod
-from . import policy, privacy, training, wire
+from . import devices, policy, privacy, training, wire
 from .config import ConfigError, NodeConfig, RunConfig, cache_dir, default_state_dir, parse_node_config, policy_binds
 from .model import build_model, load_tokenizer
 from .node_store import NodeStore, SourceLedger, arrays_digest, private_dir
@@ -108,6 +108,11 @@ class NodeRuntime:
     stream: int  # partition id, or a hash of the node's data path: seeds this node's randomness
     private: bool  # node brings its own data (deployment): DP noise is not seeded
     dp_model: nn.Module | None = None
+    precision: training.Precision = None  # the forward passes' autocast (bf16), or None
+
+    @property
+    def device(self) -> torch.device:
+        return training.device_of(self.model)
 
     @property
     def num_examples(self) -> int:
@@ -126,13 +131,15 @@ _NODE_DATA: dict[str, tuple] = {}
 _MAX_NODES_PER_PROCESS = 64
 
 
-def _model_key(run: RunConfig, label_names: tuple[str, ...], train_lora_a: bool) -> str:
-    blob = repr((run.model, run.strategy, run.lora, run.seed, run.train_head, run.dp.enabled, label_names, train_lora_a))
+def _model_key(run: RunConfig, label_names: tuple[str, ...], train_lora_a: bool, device: torch.device) -> str:
+    blob = repr((run.model, run.task, run.strategy, run.lora, run.seed, run.train_head, run.dp.enabled, run.compute, str(device), label_names, train_lora_a))
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def _data_key(run: RunConfig, node_config: dict, label_names: tuple[str, ...]) -> str:
-    blob = repr((run.data, run.partition, run.seed, run.model, run.fraction_evaluate, run.train.local_eval_fraction, sorted(node_config.items()), label_names))
+    blob = repr(
+        (run.task, run.data, run.partition, run.seed, run.model, run.fraction_evaluate, run.train.local_eval_fraction, sorted(node_config.items()), label_names)
+    )
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -140,7 +147,7 @@ def node_dataset(run: RunConfig, node_config: dict, label_names: tuple[str, ...]
     """(dataset, text columns, cache key, stream id, brings-own-data) for this node."""
     if "data-path" in node_config:
         path = str(node_config["data-path"])
-        ds = data_mod.load_node_data(path, run.data, label_names)
+        ds = data_mod.load_node_data(path, run.data, label_names, run.task)
         key = data_mod.file_signature(f"local:{path}")
         return ds, run.data.text_columns, key, int(hashlib.sha256(path.encode()).hexdigest()[:7], 16), True
     if "partition-id" not in node_config:
@@ -160,9 +167,9 @@ _TASKS: dict[str, data_mod.Task] = {}
 
 
 def _load_task_cached(run: RunConfig, label_names: tuple[str, ...]) -> data_mod.Task:
-    key = repr((run.data, label_names))
+    key = repr((run.task, run.data, label_names))
     if key not in _TASKS:
-        _TASKS[key] = data_mod.load_task(run.data, label_names=label_names)
+        _TASKS[key] = data_mod.load_task(run.data, label_names=label_names, kind=run.task)
     return _TASKS[key]
 
 
@@ -200,15 +207,23 @@ def get_runtime(run: RunConfig, node_config: dict, label_names: tuple[str, ...],
             _NODE_DATA.pop(next(iter(_NODE_DATA)))
         _NODE_DATA[dkey] = _build_node_data(run, node_config, label_names)
     train_enc, eval_enc, stream, private = _NODE_DATA[dkey]
-    mkey = _model_key(run, label_names, train_lora_a)
+    # The node's own device setting decides; the run's is a request.
+    device = devices.node_device(run.compute, str(node_config.get("device", "")))
+    devices.check_precision(run.compute, device)
+    mkey = _model_key(run, label_names, train_lora_a, device)
     if mkey not in _MODELS:
-        _MODELS.clear()  # a new run in this process: release the previous run's model
-        model = build_model(run, num_labels=len(label_names), train_lora_a=train_lora_a)
+        if _MODELS:  # a new run in this process: release the previous run's model (and its GPU memory)
+            _MODELS.clear()
+            devices.release()
+        model = build_model(run, num_labels=len(label_names), train_lora_a=train_lora_a, device=device)
+        if run.compute.precision == "bf16":
+            devices.keep_trainable_fp32(model)
         _MODELS[mkey] = (model, privacy.wrap_model(model) if run.dp.enabled else None)
     model, dp_model = _MODELS[mkey]
     if (elapsed := time.perf_counter() - start) > 0.5:
-        log.info("node %s ready in %.1fs: %d train examples", stream, elapsed, len(train_enc))
-    return NodeRuntime(run, model, train_enc, eval_enc, stream, private, dp_model)
+        log.info("node %s ready in %.1fs on %s: %d train examples", stream, elapsed, device, len(train_enc))
+    precision = (lambda: devices.autocast(run.compute, device)) if run.compute.precision == "bf16" else None
+    return NodeRuntime(run, model, train_enc, eval_enc, stream, private, dp_model, precision)
 
 
 def _build_node_data(run: RunConfig, node_config: dict, label_names: tuple[str, ...]):
@@ -222,10 +237,18 @@ def _build_node_data(run: RunConfig, node_config: dict, label_names: tuple[str, 
         cache_key += f"|holdout{run.train.local_eval_fraction}/{run.seed}"
     d = run.data
     cache_key += f"|{d.label_column}|{label_names}|{d.train_split}|{d.eval_split}"
+    if run.task == "causal-lm":
+        cache_key += f"|{d.prompt_column}|{d.response_column}|{d.prompt_template}|{d.label_words}"
     tok = load_tokenizer(run.model)
     cdir = node_state_dir(run, node_config)
     train_enc = data_mod.encode(ds, tok, text_columns, run.data.max_length, cache_key + "|train", cdir)
     eval_enc = data_mod.encode(eval_ds, tok, text_columns, run.data.max_length, cache_key + "|eval", cdir) if eval_ds is not None else None
+    for name, enc in (("training", train_enc), ("evaluation", eval_enc)):
+        if enc is not None and enc.dropped:
+            # In the node's own log only: how many of its examples are long is not the server's to know.
+            log.warning("%d of this node's %s examples do not fit max-length = %d (prompt + response): left out", enc.dropped, name, d.max_length)
+    if len(train_enc) == 0:
+        raise ConfigError("max-length", d.max_length, "no training example of this node fits (prompt + response)")
     return train_enc, eval_enc, stream, private
 
 
@@ -262,7 +285,7 @@ def train_round(
     updated after (in place)."""
     t0 = time.perf_counter()
     ex = exchange or wire.Exchange.of(rt.model)
-    wire.load_down(rt.model, arrays, ex, rt.run.seed, personal)
+    wire.load_down(rt.model, wire.decode(arrays), ex, rt.run.seed, personal)
     cfg, run = rt.run.train, rt.run
     opt = training.make_optimizer(rt.trainable(), cfg)
     # Simulation (research) runs are reproducible from (seed, round, partition);
@@ -286,18 +309,21 @@ def train_round(
         expected = max(1, round(ledger.sample_rate * rt.num_examples))
         dp_opt = drop_nonfinite_examples(privacy.dp_optimizer(opt, ledger, run.dp.max_grad_norm, expected, noise_gen))
         batches = privacy.poisson_batches(rt.num_examples, ledger.sample_rate, cfg.local_steps, sample_gen)
-        result = training.train(rt.dp_model, rt.train_data, batches, dp_opt, cfg.local_steps, progress, micro_batch_size=cfg.micro_batch_size)
+        result = training.train(
+            rt.dp_model, rt.train_data, batches, dp_opt, cfg.local_steps, progress, micro_batch_size=cfg.micro_batch_size, precision=rt.precision
+        )
         # Every drawn step counts, empty batches included: the accountant assumes them.
         ledger.record(cfg.local_steps)
         epsilon = ledger.epsilon()
     else:
         batches = training.shuffled_batches(rt.num_examples, cfg.batch_size, cfg.local_steps, sample_gen or _entropy_generator())
-        result = training.train(rt.model, rt.train_data, batches, opt, cfg.local_steps, progress, micro_batch_size=cfg.micro_batch_size)
+        result = training.train(rt.model, rt.train_data, batches, opt, cfg.local_steps, progress, micro_batch_size=cfg.micro_batch_size, precision=rt.precision)
         epsilon = 0.0
     payload = wire.to_arrays(rt.model, wire.up_names(rt.model, ex))
     if not all(np.isfinite(payload[k].numpy()).all() for k in payload.keys()):
         # Never sent: whether an update is finite must not depend on which examples were drawn.
         raise NonFiniteUpdate("this round's update has non-finite values: not sent")
+    payload = wire.encode(payload, run.wire_dtype)  # rounded after DP: post-processing, no privacy cost
     metrics = {
         "num-examples": rt.num_examples,
         "epsilon": epsilon,
@@ -316,9 +342,12 @@ def evaluate_round(rt: NodeRuntime, arrays: ArrayRecord, *, exchange: wire.Excha
     """The global model (with this node's personal B, for FedSA-LoRA) on the node's held-out split."""
     if rt.eval_data is None:
         raise ConfigError("local-eval-fraction", rt.run.train.local_eval_fraction, "this node has no local evaluation split")
-    wire.load_down(rt.model, arrays, exchange or wire.Exchange.of(rt.model), rt.run.seed, personal)
-    loss, acc = training.evaluate(rt.model, rt.eval_data, rt.run.train.eval_batch_size)
-    return {"num-examples": len(rt.eval_data), "loss": loss, "accuracy": acc}
+    wire.load_down(rt.model, wire.decode(arrays), exchange or wire.Exchange.of(rt.model), rt.run.seed, personal)
+    ev = rt.run.eval
+    metrics = training.evaluate(
+        rt.model, rt.eval_data, rt.run.train.eval_batch_size, precision=rt.precision, generate=ev.generate, max_new_tokens=ev.max_new_tokens
+    )
+    return {"num-examples": len(rt.eval_data), **metrics}
 
 
 def plan_ledger(rt: NodeRuntime) -> privacy.PrivacyLedger:

@@ -187,15 +187,28 @@ def dp_optimizer(optimizer: torch.optim.Optimizer, ledger: PrivacyLedger, max_gr
     from opacus.optimizers import DPOptimizer
     from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
-    class SecureNoiseDPOptimizer(DPOptimizer):
-        def add_noise(self) -> None:  # Opacus' add_noise, with the noise source swapped
+    class NoiseOnCPU(DPOptimizer):
+        """Opacus' add_noise, with the noise drawn on the CPU and moved to the
+        parameters' device: from the OS's secure generator (deployments), or
+        from the seeded CPU ``generator`` (research runs: the same noise on
+        every device; Opacus would draw on the parameters' device, where a CPU
+        generator cannot be used). Float32 whatever the model's precision."""
+
+        noise_source = "os.urandom" if generator is None else "seeded generator"
+
+        def add_noise(self) -> None:
+            std = self.noise_multiplier * self.max_grad_norm
             for p in self.params:
                 _check_processed_flag(p.summed_grad)
-                noise = secure_gaussian(tuple(p.summed_grad.shape), self.noise_multiplier * self.max_grad_norm)
+                shape = tuple(p.summed_grad.shape)
+                if generator is None:
+                    noise = secure_gaussian(shape, std)
+                else:
+                    noise = torch.normal(mean=0.0, std=std, size=shape, generator=generator)
                 p.grad = (p.summed_grad + noise.to(p.summed_grad)).view_as(p)
                 _mark_as_processed(p.summed_grad)
 
-    cls = DPOptimizer if generator is not None else SecureNoiseDPOptimizer
+    cls = NoiseOnCPU
     return cls(
         optimizer,
         noise_multiplier=ledger.noise_multiplier,

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import TrainConfig
-from .data import Encoded
+from .data import PROMPT_LENGTH, STOP_IDS, Encoded
 
 log = logging.getLogger("fedlora")
 
@@ -124,6 +128,39 @@ def micro_batches(data: Encoded, idx: Sequence[int] | torch.Tensor, size: int) -
     return [chunk.tolist() for chunk in ordered.split(size)]
 
 
+def device_of(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return batch if device.type == "cpu" else {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+Precision = Callable[[], contextlib.AbstractContextManager] | None  # a fresh autocast context per forward pass (devices.autocast)
+
+
+def response_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal LM: (summed next-token NLL over each example's response tokens,
+    their count), per example. ``labels`` is -100 outside the response."""
+    targets = labels[:, 1:]
+    mask = targets != -100
+    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets.clamp(min=0), reduction="none")
+    return (nll * mask).sum(1), mask.sum(1)
+
+
+def forward_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The mean loss over the batch's examples. Causal LM: each example's loss
+    is the mean over its own response tokens. (Transformers' loss averages
+    over all the batch's tokens, so one example's gradient would depend on the
+    others' lengths: no longer a per-sample gradient, as DP-SGD needs.)"""
+    if batch["labels"].dim() == 1:
+        return model(**batch).loss
+    out = model(**{k: v for k, v in batch.items() if k != "labels"})
+    total, count = response_nll(out.logits, batch["labels"])
+    return (total / count.clamp(min=1)).mean()
+
+
 def _is_dp(optimizer: torch.optim.Optimizer) -> bool:
     return hasattr(optimizer, "noise_multiplier")  # Opacus' DPOptimizer (and subclasses)
 
@@ -137,6 +174,7 @@ def train(
     progress: Callable[[int, int, float], None] | None = None,
     *,
     micro_batch_size: int = 0,
+    precision: Precision = None,
 ) -> TrainResult:
     """One pass over ``batches`` (index lists into ``data``): forward, backward,
     one optimizer step per batch.
@@ -150,8 +188,13 @@ def train(
     clipped and summed at once (Opacus' virtual steps, as in its
     ``BatchMemoryManager``); the noise is added and the step taken, once, after
     the last one, and only that step reaches the optimizer (and any accountant
-    hook on it). 0 = the whole batch in one pass."""
+    hook on it). 0 = the whole batch in one pass.
+
+    Batches go to the model's device; ``precision`` (``devices.autocast``)
+    wraps each forward pass."""
     flush_denormals(model)
+    device = device_of(model)
+    amp = precision or contextlib.nullcontext
     model.train()
     dp = _is_dp(optimizer)
     optimizer.zero_grad(set_to_none=True)
@@ -163,12 +206,13 @@ def train(
             parts = micro_batches(data, idx, micro_batch_size)
             loss_sum = 0.0
             for j, part in enumerate(parts):
-                out = model(**data.batch(part))
+                with amp():
+                    loss = forward_loss(model, to_device(data.batch(part), device))
                 if dp:
                     # Opacus' per-sample gradients do not depend on the micro-batch:
                     # with loss_reduction="mean" it multiplies the backprops by the
                     # micro-batch's size. The 1/expected-batch-size comes at the step.
-                    out.loss.backward()
+                    loss.backward()
                     if j < len(parts) - 1:
                         # Clip this micro-batch's per-sample gradients and add them to
                         # the running sum (p.summed_grad); no noise, no step. Not leaving
@@ -180,8 +224,8 @@ def train(
                         optimizer.zero_grad(set_to_none=True)
                 else:
                     # The mean over the logical batch: each micro-batch's mean, weighted.
-                    (out.loss * (len(part) / n)).backward()
-                loss_sum += float(out.loss.detach()) * len(part)
+                    (loss * (len(part) / n)).backward()
+                loss_sum += float(loss.detach()) * len(part)
             losses.append(loss_sum / n)
             examples += n
         elif dp:
@@ -190,7 +234,7 @@ def train(
             # accountant does not cover. (BERT cannot run a batch of 0.)
             for group in optimizer.param_groups:
                 for p in group["params"]:
-                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
         else:
             continue
         optimizer.step()
@@ -202,19 +246,91 @@ def train(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Encoded, batch_size: int) -> tuple[float, float]:
-    """(mean cross-entropy loss, accuracy) over ``data``. Batches are taken in
-    order of length, so each is padded little: the totals do not depend on the
-    order (up to float rounding)."""
+def evaluate(
+    model: nn.Module, data: Encoded, batch_size: int, *, precision: Precision = None, generate: bool = False, max_new_tokens: int = 8
+) -> dict[str, float]:
+    """Metrics of ``model`` on ``data``. Classification: mean cross-entropy
+    ``loss`` and ``accuracy``. Causal LM: ``loss`` (mean NLL per response
+    token) and ``perplexity``, and with ``generate`` the ``exact_match`` share
+    of greedy answers (also as ``accuracy``). Batches are taken in order of
+    length, so each is padded little: the totals do not depend on the order
+    (up to float rounding)."""
     flush_denormals(model)
     was_training = model.training
     model.eval()
-    total_loss, correct, n = 0.0, 0, len(data)
+    device, amp = device_of(model), precision or contextlib.nullcontext
+    n = len(data)
     order = torch.argsort(data.tensors["attention_mask"].sum(1), descending=True, stable=True)
+    total_loss, correct, tokens = 0.0, 0, 0
     for start in range(0, n, batch_size):
-        batch = data.batch(order[start : start + batch_size])
-        out = model(**batch)
-        total_loss += float(out.loss) * len(batch["labels"])
-        correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+        idx = order[start : start + batch_size]
+        batch = to_device(data.batch(idx), device)
+        with amp():
+            if data.causal:
+                out = model(**{k: v for k, v in batch.items() if k != "labels"})
+                nll, count = response_nll(out.logits, batch["labels"])
+                total_loss += float(nll.sum())
+                tokens += int(count.sum())
+            else:
+                out = model(**batch)
+                total_loss += float(out.loss) * len(batch["labels"])
+                correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+    metrics: dict[str, Any] = {}
+    if data.causal:
+        loss = total_loss / max(1, tokens)
+        metrics = {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+        if generate:
+            metrics["exact_match"] = metrics["accuracy"] = exact_match(model, data, batch_size, max_new_tokens, amp)
+    else:
+        metrics = {"loss": total_loss / max(1, n), "accuracy": correct / max(1, n)}
     model.train(was_training)
-    return total_loss / max(1, n), correct / max(1, n)
+    return metrics
+
+
+def _until_stop(tokens: list[int], stops: set[int]) -> list[int]:
+    for i, t in enumerate(tokens):
+        if t in stops:
+            return tokens[:i]
+    return tokens
+
+
+@torch.no_grad()
+def exact_match(model: nn.Module, data: Encoded, batch_size: int, max_new_tokens: int, amp=contextlib.nullcontext) -> float:
+    """The share of examples whose greedy answer, up to its first stop token,
+    equals the reference response's tokens up to theirs (the response as
+    tokenised for training: same context, same tokenisation). A reference
+    longer than ``max_new_tokens`` cannot match (warned)."""
+    device, n = device_of(model), len(data)
+    stops = set(data.meta[STOP_IDS].tolist()) if STOP_IDS in data.meta else set()
+    pad = int(getattr(getattr(model, "config", None), "pad_token_id", None) or 0)
+    lengths = data.tensors[PROMPT_LENGTH]
+    order = torch.argsort(lengths, descending=True, stable=True)
+    correct, too_long = 0, 0
+    for start in range(0, n, batch_size):
+        idx = order[start : start + batch_size].tolist()
+        width = int(lengths[idx].max())
+        # Left-padded prompts: generation continues every row from its last prompt token.
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        refs = []
+        for row, i in enumerate(idx):
+            p = int(lengths[i])
+            ids[row, width - p :] = data.tensors["input_ids"][i, :p]
+            mask[row, width - p :] = 1
+            labels = data.tensors["labels"][i]
+            refs.append(_until_stop(labels[labels != -100].tolist(), stops))
+        with amp():
+            out = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+                eos_token_id=sorted(stops) or None,
+            )
+        for row, ref in enumerate(refs):
+            too_long += len(ref) > max_new_tokens
+            correct += _until_stop(out[row, width:].tolist(), stops) == ref
+    if too_long:
+        log.warning("%d of %d reference answers are longer than eval.max-new-tokens = %d tokens: they cannot match", too_long, n, max_new_tokens)
+    return correct / max(1, n)

@@ -10,7 +10,11 @@
 #
 # Environment: FEDLORA_NODES (default 3 simulated nodes: Flower's num-supernodes;
 # each node reads its partition-id and num-partitions from its node config),
-# FEDLORA_CLIENT_CPUS (CPUs per simulated client, default: all CPUs / nodes, at least 1).
+# FEDLORA_CPUS_PER_CLIENT (CPUs per simulated client, a whole number, default: all
+# CPUs / nodes, at least 1; FEDLORA_CLIENT_CPUS is the older name),
+# FEDLORA_GPUS_PER_CLIENT (GPUs per simulated client, e.g. 0.25: four clients share
+# one GPU; unset: Flower's default, 0, and Ray hides the GPUs from the clients).
+# They become Flower's federation config client-resources-num-cpus / -num-gpus.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,7 +24,23 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 FLWR_DISABLE_UPDATE_CHECK=
 export FLWR_LOCAL_SUPERLINK_HTTP_API_PORT="${FLWR_LOCAL_SUPERLINK_HTTP_API_PORT:-39191}"
 export FLWR_LOCAL_CONTROL_API_PORT="${FLWR_LOCAL_CONTROL_API_PORT:-39193}"
 nodes="${FEDLORA_NODES:-3}"
-cpus="${FEDLORA_CLIENT_CPUS:-$(( $(nproc) / nodes > 0 ? $(nproc) / nodes : 1 ))}"
+cpus="${FEDLORA_CPUS_PER_CLIENT:-${FEDLORA_CLIENT_CPUS:-}}"
+gpus="${FEDLORA_GPUS_PER_CLIENT:-}"
+# Checked here: Flower's own errors for these are a stack trace after the SuperLink started.
+[[ "$nodes" =~ ^[1-9][0-9]*$ ]] || { echo "FEDLORA_NODES=$nodes: must be a whole number >= 1" >&2; exit 2; }
+if [ -z "$cpus" ]; then
+  cpus=$(( $(nproc) / nodes > 0 ? $(nproc) / nodes : 1 ))
+elif ! [[ "$cpus" =~ ^[1-9][0-9]*$ ]]; then
+  echo "FEDLORA_CPUS_PER_CLIENT=$cpus: must be a whole number >= 1 (Flower's client-resources-num-cpus)" >&2; exit 2
+fi
+federation="num-supernodes=$nodes client-resources-num-cpus=$cpus"
+if [ -n "$gpus" ]; then
+  # Ray takes a fraction below 1 (clients share a GPU) or a whole number of GPUs.
+  [[ "$gpus" =~ ^([0-9]+(\.0+)?|0?\.[0-9]+)$ ]] || {
+    echo "FEDLORA_GPUS_PER_CLIENT=$gpus: must be a fraction below 1 (e.g. 0.25) or a whole number (Flower's client-resources-num-gpus)" >&2; exit 2; }
+  [[ "$gpus" == .* ]] && gpus="0$gpus"  # TOML needs the leading 0
+  federation+=" client-resources-num-gpus=$gpus"
+fi
 mkdir -p "$FLWR_HOME" outputs
 
 # Only the SuperLink `flwr run` starts for this FLWR_HOME (its command line names
@@ -51,8 +71,8 @@ overrides=(--run-config "output-dir=\"$PWD/outputs\"")
 for kv in "$@"; do overrides+=(--run-config "$kv"); done
 
 started=$(date +%s)
-flwr run . --stream "${overrides[@]}" \
-  --federation-config "num-supernodes=$nodes client-resources-num-cpus=$cpus"
+echo "federation config: $federation"
+flwr run . --stream "${overrides[@]}" --federation-config "$federation"
 
 # The newest run's status is the truth.
 status=$(flwr ls --format json | python3 -c '

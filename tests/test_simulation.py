@@ -56,7 +56,7 @@ def _reload_accuracy(run_dir):
     task = load_task(run.data)
     data = encode(task.eval, load_tokenizer(run.model), task.text_columns, run.data.max_length)
     with torch.no_grad():
-        return evaluate(model, data, 64)[1]
+        return evaluate(model, data, 64)["accuracy"]
 
 
 @pytest.mark.slow

@@ -203,7 +203,8 @@ def test_evaluate_sorted_by_length_equals_example_by_example(tiny_model_dir):
     acc = sum(int(o.logits.argmax(-1)[0] == enc.tensors["labels"][i]) for i, o in enumerate(outs)) / len(enc)
     model.train()
     data = RecordingData(enc)
-    got_loss, got_acc = training.evaluate(model, data, 3)
+    got = training.evaluate(model, data, 3)
+    got_loss, got_acc = got["loss"], got["accuracy"]
     assert got_loss == pytest.approx(loss, rel=1e-5) and got_acc == acc
     assert [w for _, w in data.shapes] == [12, 7, 2]  # sorted: each batch padded to its own longest
     assert model.training

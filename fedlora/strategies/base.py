@@ -16,10 +16,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 
 from .. import validation, wire
-from ..config import AGGREGATIONS, STRATEGY_REGISTRY, ConfigError
+from ..config import AGGREGATIONS, STRATEGY_REGISTRY, ConfigError, WireDType
 from ..user_dp import UserDP
 
 log = logging.getLogger("fedlora")
+
+WIRE_DTYPES = tuple(str(d) for d in WireDType)
 
 
 @dataclass
@@ -101,7 +103,9 @@ class FedLoraStrategy(FedAvg):
       is none (no ``configure_train`` before); ``""``: nothing, and without a
       start the merge is over the aggregate alone.
 
-    A round: ``configure_train`` sends ``down_arrays`` of the global state;
+    A round: ``configure_train`` sends ``down_arrays`` of the global state,
+    rounded to ``wire_dtype`` (the state itself stays float32); every reply is
+    decoded to float32 first (``wire.decode``; an unreadable one is refused);
     ``aggregate_train`` screens the replies (``_screen``), accounts for them
     (``_account``: bytes, metrics, privacy spent), aggregates what passed
     (``_aggregate``: update clipping, then user-level DP, FedAvg or the robust
@@ -151,9 +155,30 @@ class FedLoraStrategy(FedAvg):
         down_keys: Iterable[str] | None = None,
         lora_scale: float = 1.0,
         user_dp: UserDP | None = None,
+        wire_dtype: str = "float32",
+        update_bound: validation.UpdateBound | None = None,
         **kwargs,
     ) -> None:
+        """A strategy for one run; keyword arguments not listed go to Flower's ``FedAvg``.
+
+        Parameters
+        ----------
+        payload_shapes : dict
+            Key -> shape of every tensor a reply carries.
+        fingerprint : str
+            The run's shared frozen tensors (``wire.fingerprint``), sent with every message.
+        wire_dtype : str
+            ``wire.dtype``: what the arrays sent are rounded to (float32, float16, bfloat16).
+        update_bound : validation.UpdateBound, optional
+            The run's local training (``UpdateBound.from_run``): with fewer replies than a
+            median needs, each update is also screened against the most an honest node's
+            training can move. None: only the medians screen.
+
+        The other parameters mirror the run config's keys (``validate.*``, ``aggregation.*``,
+        ``lora.*``, ``user-dp.*``)."""
         kwargs.setdefault("train_metrics_aggr_fn", aggregate_train_metrics)
+        if wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"wire_dtype must be one of {WIRE_DTYPES}, got {wire_dtype!r}")
         super().__init__(**kwargs)
         # Robust options reuse Flower's own aggregators on the validated replies:
         # coordinate-wise median (FedMedian) or trimmed mean (FedTrimmedAvg), unweighted.
@@ -187,12 +212,20 @@ class FedLoraStrategy(FedAvg):
                 )
             if aggregation != "mean":
                 raise ConfigError("aggregation.method", aggregation, "user-level DP needs 'mean' (its noise is calibrated for the mean of clipped updates)")
+            if user_dp.mode == "client-fixed" and wire_dtype != "float32":
+                # The mod computes reply - received on the arrays as they travel (bfloat16 as raw bits).
+                raise ConfigError(
+                    "wire.dtype", wire_dtype, "Flower's fixedclipping_mod clips the arrays as they travel: use float32 with user-dp.mode = client-fixed"
+                )
             if user_dp.mode == "client-fixed" and self.down_keys != self.payload_keys:
                 raise ConfigError(
                     "user-dp.mode",
                     user_dp.mode,
                     f"Flower's fixedclipping_mod needs a reply with the tensors it received; strategy {self.name} sends others: use server-fixed",
                 )
+        self.wire_dtype = str(wire_dtype)
+        self.update_bound = update_bound if update_bound is not None and update_bound.bounded else None
+        self._formats: dict[int, set[str]] = {}  # node -> the wire formats its reply travelled in
         self.min_replies = min_replies
         self.max_norm_ratio = max_norm_ratio
         self.max_weight_share = max_weight_share  # no reply's example count weighs more than this share
@@ -228,7 +261,7 @@ class FedLoraStrategy(FedAvg):
     ) -> Iterable[Message]:
         stats = self.rounds[server_round] = RoundStats()
         self.current = arrays
-        down = self.down_arrays(arrays)
+        down = wire.encode(self.down_arrays(arrays), self.wire_dtype)  # as it travels
         config = self._with_run_config(config)
         if self.user_dp is not None:
             self.user_dp.configure(config)
@@ -237,8 +270,11 @@ class FedLoraStrategy(FedAvg):
             raise RuntimeError(f"user-level DP is calibrated for {self.user_dp.num_sampled} clients per round, {len(messages)} were sampled")
         stats.sampled = len(messages)
         stats.bytes_down = wire.nbytes(down) * len(messages)
-        # A reply's update is relative to where its node started: the global values of the reply's keys.
-        start = {k: arrays[k].numpy() for k in arrays if k in self.payload_keys}  # in the state's (fixed) order
+        # A reply's update is relative to where its node started: the values of the reply's keys
+        # as the node decodes them (rounded to wire.dtype), or, for what is not sent (FLoRA's
+        # restarted factors), the global state's, which the node re-draws exactly.
+        received = wire.decode(down)
+        start = {k: (received if k in received else arrays)[k].numpy() for k in arrays if k in self.payload_keys}  # in the state's (fixed) order
         self._sent = {server_round: ({m.metadata.dst_node_id for m in messages}, start)}
         self._sent_msgs = messages
         return messages
@@ -250,7 +286,7 @@ class FedLoraStrategy(FedAvg):
         config: ConfigRecord,
         grid: Grid,
     ) -> Iterable[Message]:
-        down = self.down_arrays(arrays)
+        down = wire.encode(self.down_arrays(arrays), self.wire_dtype)
         messages = list(super().configure_evaluate(server_round, down, self._with_run_config(config), grid))
         if server_round in self.rounds:
             self.rounds[server_round].bytes_down += wire.nbytes(down) * len(messages)
@@ -261,7 +297,7 @@ class FedLoraStrategy(FedAvg):
 
     def _valid_replies(self, server_round: int, replies: list[Message], stats: RoundStats) -> list[Message]:
         selected, sent = self._sent.get(server_round, (None, None))
-        good, self._up_bytes, self._refs = [], {}, {}
+        good, self._up_bytes, self._refs, self._formats = [], {}, {}, {}
         to_node = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent_msgs if m.metadata.message_id}
         heard = set()
         for msg in replies:
@@ -277,10 +313,12 @@ class FedLoraStrategy(FedAvg):
                 self._refuse(stats, node, msg.error.reason)
             elif selected is not None and node not in selected:
                 self._refuse(stats, node, "not selected for this round")
+            elif isinstance(travelled := self._decode(msg.content, node), str):
+                self._refuse(stats, node, travelled)
             elif reason := validation.check_reply(msg.content, self.payload_shapes, flexible_rank=self._flexible_rank):
                 self._refuse(stats, node, reason)
             else:
-                self._up_bytes[node] = sum(wire.nbytes(r) for r in msg.content.array_records.values())
+                self._up_bytes[node] = travelled  # as received: before any padding
                 if sent is not None:  # before padding: a lower-rank node's update is on its own rank
                     self._refs[node] = validation.reference(msg.content, sent)
                 self._pad_ranks(msg.content)
@@ -291,7 +329,15 @@ class FedLoraStrategy(FedAvg):
         # norm would make the release depend on unnoised norms (and publish them).
         if sent is not None and self.user_dp is None:
             norms = {m.metadata.src_node_id: validation.update_norm(m.content, self._refs[m.metadata.src_node_id]) for m in good}
-            outliers = validation.norm_outliers(norms, self.max_norm_ratio, self.accepted_norms)
+            bounds: dict[int, tuple[float, str]] = {}
+            if len(good) < validation.MIN_REPLIES_FOR_NORM_CHECK and self.max_norm_ratio > 0:
+                # No round median: also the most an honest node's training can move.
+                bounds, refused = self._honest_bounds(good)
+                for node, reason in refused.items():
+                    self._refuse(stats, node, reason)
+                good = [m for m in good if m.metadata.src_node_id not in refused]
+                norms = {node: n for node, n in norms.items() if node not in refused}
+            outliers = validation.norm_outliers(norms, self.max_norm_ratio, self.accepted_norms, bounds)
             for node, reason in outliers.items():
                 self._refuse(stats, node, reason)
             good = [m for m in good if m.metadata.src_node_id not in outliers]
@@ -300,6 +346,55 @@ class FedLoraStrategy(FedAvg):
         # A fixed order, by content: float sums then do not depend on arrival
         # order, so a resumed seeded run ends exactly where an uninterrupted one does.
         return sorted(good, key=_content_digest)
+
+    def _decode(self, content: RecordDict, node: int) -> int | str:
+        """Decode a reply's arrays to float32 in place, before any check reads them;
+        return the bytes they travelled as, or why they cannot be read."""
+        sender = f"node {node}"
+        try:
+            travelled = sum(wire.nbytes(r) for r in content.array_records.values())
+            formats = {str(a.dtype) for r in content.array_records.values() for a in r.values()}
+            for name, record in list(content.array_records.items()):
+                content[name] = wire.decode(record, sender=sender)
+        except wire.PayloadError as e:
+            return str(e)
+        except (ValueError, TypeError, KeyError, EOFError, OSError) as e:  # np.load of arbitrary bytes
+            return f"payload from {sender} cannot be read as arrays ({type(e).__name__}: {e})"
+        self._formats[node] = formats
+        return travelled
+
+    def _honest_bounds(self, good: list[Message]) -> tuple[dict[int, tuple[float, str]], dict[int, str]]:
+        """Per node, the most its update can move if it trained as the run says
+        (``validation.UpdateBound.limit``, on its claimed example count and
+        reported noise), and the nodes whose claims no honest node makes."""
+        bounds: dict[int, tuple[float, str]] = {}
+        refused: dict[int, str] = {}
+        if self.update_bound is None:
+            return bounds, refused
+        values = sum(int(np.prod(shape)) for shape in self.payload_shapes.values())  # at the global rank: >= any node's
+        for m in good:
+            node = m.metadata.src_node_id
+            record, metrics = next(iter(m.content.array_records.values())), next(iter(m.content.metric_records.values()))
+            ref = self._refs[node]
+            start_norm = float(np.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in ref.values())))
+            reply_norm = float(np.sqrt(sum(float(np.sum(np.square(record[k].numpy(), dtype=np.float64))) for k in ref)))
+            formats = self._formats.get(node, set())
+            try:
+                bound = self.update_bound.limit(
+                    values,
+                    int(metrics[self.weighted_by_key]),
+                    metrics.get("noise-multiplier"),
+                    roundoff=max((validation.ROUNDOFF.get(f, 0.0) for f in formats), default=0.0),
+                    start_norm=start_norm,
+                    reply_norm=reply_norm,
+                    tiny=validation.FP16_TINY if "float16" in formats else 0.0,
+                )
+            except ConfigError as e:  # no noise multiplier reaches the budget for the claimed count
+                refused[node] = f"claims {metrics[self.weighted_by_key]} examples, for which no node can train under this run's DP ({e})"
+                continue
+            if bound is not None:
+                bounds[node] = bound
+        return bounds, refused
 
     @property
     def _flexible_rank(self) -> bool:
