@@ -574,7 +574,8 @@ class RunConfig:
     max_norm_ratio: float = option(
         "validate.max-norm-ratio",
         10.0,
-        "refuse an update whose norm exceeds this × the round's median (with ≥ 3 replies; 0 = off)",
+        "refuse an update whose norm exceeds this × the round's median (with ≥ 3 replies; with fewer: × earlier rounds' "
+        "median, and above the most that honest DP-SGD or AdamW local training can move it); 0 = off",
         ge=0,
     )
     aggregation: Aggregation = option(  # noqa: RUF009 (option returns a field)

@@ -20,7 +20,7 @@ import numpy as np
 from flwr.app import ArrayRecord, MetricRecord
 
 from . import data as data_mod
-from . import devices, wire
+from . import devices, validation, wire
 from .config import ConfigError, RunConfig, parse_run_config
 from .model import build_model, count_parameters, is_head, is_lora_a, is_lora_b, load_tokenizer, resolve_model
 from .run_folder import RunFolder, config_diff, latest_checkpointed_run, portable
@@ -71,6 +71,8 @@ class Experiment:
             raise ConfigError(
                 "user-dp.mode", "client-fixed", "Flower's fixedclipping_mod needs replies shaped as what was sent: with mixed ranks use server-fixed"
             )
+        if run.user_dp.mode == "client-fixed" and run.wire_dtype != "float32":
+            raise ConfigError("wire.dtype", run.wire_dtype, "Flower's fixedclipping_mod clips the arrays as they travel: with client-fixed use float32")
         if not self.method.mixed_ranks and any(r != run.lora.r for r in run.lora.client_ranks):
             raise ConfigError("lora.client-ranks", ",".join(map(str, run.lora.client_ranks)), f"strategy {run.strategy} cannot aggregate mixed ranks")
         check_available(run.tracking)
@@ -275,6 +277,8 @@ class Experiment:
             min_evaluate_nodes=run.min_train_nodes if run.fraction_evaluate > 0 else 0,
             min_available_nodes=run.min_train_nodes,
             user_dp=self._user_dp(num_nodes),
+            wire_dtype=run.wire_dtype,
+            update_bound=validation.UpdateBound.from_run(run),
         )
         self.strategy.spent.update(self.resumed_spent)
         self.strategy.load_state(self.resumed_state)

@@ -155,8 +155,8 @@ def norm_outliers(
 
 # -- the most an honest update can move ------------------------------------------
 
-NOISE_TAIL = 8.0  # ||N(0, I_d)|| > sqrt(d) + 8 with probability <= exp(-8^2 / 2) ~ 1e-14 (per step)
-BATCH_TAIL = 10.0  # a Poisson batch of mean mu passes mu + 10 sqrt(mu) + 10 with probability <= ~5e-12 (per step)
+NOISE_TAIL = 8.0  # ||N(0, I_d)|| > sqrt(d) + 8 with probability <= exp(-8^2 / 2) ~ 1e-14
+BATCH_TAIL = 10.0  # Poisson draws of mean mu pass mu + 10 sqrt(mu) + 10 with probability <= ~5e-12
 MARGIN = 1.01  # float32 training arithmetic (a step's rounding, Opacus' clip factor C / (norm + 1e-6))
 SIGMA_SLACK = 1.1  # how far a reported noise multiplier may exceed the server's own calibration (library versions)
 ADAMW_BETAS = (0.9, 0.999)  # torch's AdamW defaults, which training.make_optimizer keeps
@@ -201,16 +201,23 @@ class UpdateBound:
     the largest update norm ||reply - start|| an honest node can send with it.
 
     **DP-SGD with plain SGD** (``optimizer = sgd``: no momentum, no weight decay).
-    Each of the T = ``local-steps`` steps adds -lr (sum_i clip_C(g_i) + N(0, s^2 C^2 I)) / B_e
+    Each of the T = ``local-steps`` steps adds -lr (sum_{i in batch t} clip_C(g_i) + s C z_t) / B_e
     (Opacus, ``loss_reduction = mean``), with C = ``dp.max-grad-norm``, s the node's
-    noise multiplier, and B_e its expected Poisson batch, max(1, round(q n)) with
-    q = min(1, batch-size / n): B_e = min(batch-size, n) for its n examples. A sum of
-    b clipped gradients has norm <= b C; a Poisson batch of mean B_e stays below
-    B_max = min(n, B_e + 10 sqrt(B_e) + 10) except with probability <= ~5e-12
-    (Bernstein; exactly n when q = 1); and ||N(0, I_d)|| <= sqrt(d) + 8 except with
-    probability <= exp(-32), d the values in the reply. Hence, over the T steps,
+    noise multiplier, z_t ~ N(0, I_d) drawn afresh each step, and B_e its expected
+    Poisson batch, max(1, round(q n)) with q = min(1, batch-size / n): B_e =
+    min(batch-size, n) for its n examples. So the update is
+    -lr (sum of every clipped gradient drawn + s C sum_t z_t) / B_e, and
 
-        ||update|| <= lr T C (B_max + s (sqrt(d) + 8)) / B_e.
+    - the clipped gradients (norm <= C each) are at most the examples drawn over
+      the T steps, a sum of T n independent coin flips of mean T B_e: at most
+      S = min(T n, T B_e + 10 sqrt(T B_e) + 10) except with probability <= ~5e-12
+      (Bernstein's inequality; exactly T n when q = 1);
+    - sum_t z_t ~ sqrt(T) N(0, I_d), whatever the gradients did (each z_t is
+      independent of everything before it), and ||N(0, I_d)|| <= sqrt(d) + 8
+      except with probability <= exp(-32) (the norm is 1-Lipschitz, its mean <= sqrt(d)),
+      d the values in the reply. Hence
+
+        ||update|| <= lr C (S + s sqrt(T) (sqrt(d) + 8)) / B_e.
 
     The reply is a part of what the node trained (FedSA-LoRA keeps B): the noise
     on those d values is d-dimensional and the clipped part is still <= C per
@@ -235,12 +242,12 @@ class UpdateBound:
     noise term) and nothing from its step count (not read). Its claimed example
     count sets B_e and s: claiming n <= batch-size gives it the bound of an
     honest node that small, B_e = n and s calibrated for q = 1, the noisiest the
-    run allows (at epsilon 3 over 50 steps: lr T C (1 + 10.6 (sqrt(d) + 8)) for
-    n = 1, against lr T C (2.4 + 0.72 (sqrt(d) + 8) / 64) for 5000 examples at
+    run allows (at epsilon 3 over 50 steps, T = 10: lr C (10 + 33.5 (sqrt(d) + 8))
+    for n = 1, against lr C (14.1 + 0.036 (sqrt(d) + 8)) for 5000 examples at
     batch 64), and never more. With three or more replies a small claim also
-    shrinks its weight in the aggregate; with one or two,
-    ``aggregation.max-weight-share`` gives each reply an equal share whatever it
-    claims. Within the bound a node still chooses the update's direction: the
+    shrinks its weight in the aggregate; with one or two, the default
+    ``aggregation.max-weight-share`` (0.5) gives each reply an equal share
+    whatever it claims. Within the bound a node still chooses the update's direction: the
     bound stops a scaled or replaced model, not a bias of honest size.
     """
 
@@ -277,8 +284,9 @@ class UpdateBound:
         sigma = max(sigma, min(reported, SIGMA_SLACK * sigma))
         clip = self.dp.max_grad_norm
         expected = max(1, min(self.batch_size, n))
-        largest = expected if expected == n else min(n, expected + BATCH_TAIL * math.sqrt(expected) + BATCH_TAIL)
-        bound = MARGIN * lr * steps * clip * (largest + sigma * (math.sqrt(values) + NOISE_TAIL)) / expected
+        mean = steps * expected  # examples drawn over the T steps, on average
+        drawn = mean if expected == n else min(steps * n, mean + BATCH_TAIL * math.sqrt(mean) + BATCH_TAIL)
+        bound = MARGIN * lr * clip * (drawn + sigma * math.sqrt(steps) * (math.sqrt(values) + NOISE_TAIL)) / expected
         return bound, f"DP-SGD: lr {lr:g}, {steps} steps, clip {clip:g}, noise {sigma:.4g}, expected batch {expected}, {values} values"
 
     def limit(

@@ -280,7 +280,9 @@ def set_base_delta(model: nn.Module, arrays: Mapping) -> None:
         weight = layer.base_layer.weight
         pretrained = layer.__dict__.setdefault("_fedlora_pretrained", weight.detach().clone())
         delta = base_delta(arrays, name)
-        weight.copy_(pretrained if delta is None else pretrained + torch.from_numpy(delta).to(pretrained))
+        if delta is not None and getattr(layer, "fan_in_fan_out", False):
+            delta = delta.T  # GPT-2's Conv1D stores its weight d_in x d_out; deltas are d_out x d_in (B A)
+        weight.copy_(pretrained if delta is None else pretrained + torch.from_numpy(np.ascontiguousarray(delta)).to(pretrained))
 
 
 def load_global(model: nn.Module, arrays: ArrayRecord, ex: Exchange, *, names: Iterable[str] | None = None, sender: str = "server") -> None:

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_rows, write_jsonl
 from fedlora import data as data_mod
 from fedlora import devices, privacy, training
 from fedlora.config import ConfigError, NodeConfigError, parse_run_config
 from fedlora.data import PROMPT_LENGTH, Encoded
 from fedlora.model import build_model, is_lora_a, is_lora_b, load_tokenizer
+
+from conftest import make_rows, write_jsonl
 
 MAX_LENGTH = 40
 
@@ -129,6 +130,29 @@ def test_default_lora_targets_follow_the_architecture(tiny_llama_dir, tiny_gpt2_
     # FFA-LoRA trains B only (with grouped-query attention v_proj's B is d_kv x r, smaller than its A)
     trainable = [n for n, p in llama.named_parameters() if p.requires_grad]
     assert trainable and all(is_lora_b(n) for n in trainable)
+
+
+def test_a_base_delta_enters_conv1d_and_linear_layers_as_the_adapter_it_replaces(tiny_gpt2_dir, tiny_llama_dir):
+    # FedEx-LoRA / FLoRA merge B A into the frozen base: the same function as the adapter itself,
+    # also for GPT-2's Conv1D, whose weight is stored transposed (d_in x d_out).
+    from fedlora import wire
+
+    for model_dir in (tiny_gpt2_dir, tiny_llama_dir):
+        model = build_model(_run(model_dir), 0, train_lora_a=True)
+        _randomise_b(model)
+        model.eval()
+        ids = torch.tensor([[5, 6, 7, 8, 9]])
+        with torch.no_grad():
+            with_adapter = model(input_ids=ids).logits
+            params = dict(model.named_parameters())
+            deltas = {}
+            for name, layer in wire._lora_layers(model).items():
+                a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+                deltas[name + wire.DELTA] = (layer.scaling["default"] * b @ a).numpy()
+                params[f"{name}.lora_B.default.weight"].zero_()
+            assert not torch.allclose(model(input_ids=ids).logits, with_adapter)
+            wire.set_base_delta(model, deltas)
+            torch.testing.assert_close(model(input_ids=ids).logits, with_adapter, rtol=1e-4, atol=1e-5)
 
 
 # -- DP: per-sample gradients through PEFT LoRA in a decoder ------------------------------

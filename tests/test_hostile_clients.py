@@ -181,7 +181,9 @@ def test_a_node_claiming_few_examples_gets_the_bound_of_an_honest_node_that_smal
     lied = _bound().limit(64 * 16, 1, 1e9)[0]
     assert lied == pytest.approx(_bound().limit(64 * 16, 1, 1.1 * sigma)[0]) and small[0] < lied < 1.1 * small[0]
     # Still a bound: a model replaced by values of 1e3 is refused whatever the node claims.
-    _, stats = _send(_bounded(_bound(), shape), np.zeros(shape, np.float32), {1: (np.full(shape, 1e3, np.float32), {"num-examples": 1, "noise-multiplier": 1e9})})
+    _, stats = _send(
+        _bounded(_bound(), shape), np.zeros(shape, np.float32), {1: (np.full(shape, 1e3, np.float32), {"num-examples": 1, "noise-multiplier": 1e9})}
+    )
     assert stats.replies == 0 and stats.failures[0].startswith("node 1:")
 
 

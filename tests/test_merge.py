@@ -28,33 +28,6 @@ from conftest import write_jsonl
 
 
 @pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory):
-    """A tiny random LlamaForCausalLM with MiniLM's tokenizer."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from fedlora.model import packaged_model_path
-
-    d = tmp_path_factory.mktemp("tiny-llama")
-    tok = AutoTokenizer.from_pretrained(packaged_model_path())
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.cls_token_id,
-        eos_token_id=tok.sep_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return str(d)
-
-
-@pytest.fixture(scope="module")
 def lm_task_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("lm-task")
     rows = [{"prompt": f"what comes after {i}", "response": str(i + 1)} for i in range(40)]
@@ -108,10 +81,12 @@ def classifier_run(tmp_path_factory, tiny_model_dir, task_dir):
 # -- causal LM -------------------------------------------------------------------------
 
 
-def test_causal_lm_merge_equals_the_peft_model_and_loads_without_fedlora_or_peft(tmp_path, tiny_llama_dir, lm_task_dir):
+@pytest.mark.parametrize("model_fixture", ["tiny_llama_dir", "tiny_gpt2_dir"])  # GQA and tied embeddings; Conv1D (fan_in_fan_out)
+def test_causal_lm_merge_equals_the_peft_model_and_loads_without_fedlora_or_peft(tmp_path, model_fixture, lm_task_dir, request):
     from transformers import AutoModelForCausalLM
 
-    exp = _finished_run(tmp_path / "runs", "lm", {"task": "causal-lm", "model": tiny_llama_dir, "dataset": lm_task_dir})
+    model_dir = request.getfixturevalue(model_fixture)
+    exp = _finished_run(tmp_path / "runs", "lm", {"task": "causal-lm", "model": model_dir, "dataset": lm_task_dir})
     out = tmp_path / "merged"
     merge(exp.dir, str(out))
 
@@ -120,7 +95,7 @@ def test_causal_lm_merge_equals_the_peft_model_and_loads_without_fedlora_or_peft
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
     assert not any("lora" in n or "base_layer" in n for n, _ in merged.named_parameters())
     torch.testing.assert_close(_logits(merged, inputs), reference, atol=1e-5, rtol=0)
-    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     assert (_logits(base, inputs) - reference).abs().max() > 1e-3  # the adapter changes the model
     assert not (out / "adapter_config.json").exists()
 
@@ -133,7 +108,7 @@ def test_causal_lm_merge_equals_the_peft_model_and_loads_without_fedlora_or_peft
         "x = tok(['the meal was great', 'what comes after 7 and then some'], padding=True, return_tensors='pt')\n"
         "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()\n"
         "with torch.no_grad():\n"
-        "    np.save(sys.argv[2], m(**x).logits.float().numpy())\n"
+        "    np.save(sys.argv[2], m(input_ids=x['input_ids'], attention_mask=x['attention_mask']).logits.float().numpy())\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
     proc = subprocess.run(
