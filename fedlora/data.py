@@ -404,7 +404,9 @@ def encode(ds: datasets.Dataset, tokenizer, text_columns, max_length: int, cache
 
 PROMPT, RESPONSE, MESSAGES = "prompt", "response", "messages"  # the columns of a normalised causal-lm split
 SST2_WORDS = ("negative", "positive")
-SST2_TEMPLATE = "Review: {text}\nIs the sentiment of this movie review positive or negative? Answer with one word."
+# SmolLM2-135M-Instruct answers this one with the bare word most often zero-shot (of three
+# phrasings tried on 48 validation reviews: 0.48 exact match, against 0.15 and 0.04).
+SST2_TEMPLATE = "Is the following movie review positive or negative?\n\n{text}\n\nAnswer with one word: positive or negative."
 GENERIC_TEMPLATE = "{text}\n\nAnswer with one of: {choices}."
 PAIR_TEMPLATE = "{text}\n{text2}\n\nAnswer with one of: {choices}."
 

@@ -75,12 +75,87 @@ def _gguf_kwargs(gguf: str | None) -> dict:
     return {"gguf_file": gguf}
 
 
+# -- GGUF: converted once, then loaded from a disk cache ---------------------------------
+#
+# Transformers de-quantises a GGUF file into a float32 model on every load (~25 s
+# for SmolLM2-135M on 2 CPUs, ~13 s more for its tokenizer). A deployed node may
+# start a fresh process per message, so the converted model and tokenizer are
+# kept (``save_pretrained``) under the cache directory and loaded from there.
+
+
+def _gguf_cache(path: str, gguf: str, what: str) -> str:
+    import hashlib
+
+    import transformers
+
+    from .config import default_state_dir
+
+    src = os.path.realpath(os.path.join(path, gguf))
+    st = os.stat(src)
+    key = hashlib.sha256(f"{src}|{st.st_size}|{int(st.st_mtime)}|{transformers.__version__}|{what}".encode()).hexdigest()[:20]
+    return os.path.join(default_state_dir(), "models", f"{os.path.splitext(gguf)[0]}-{what}-{key}")
+
+
+def _cached(target: str) -> bool:
+    return os.path.isfile(os.path.join(target, ".complete"))
+
+
+def _store(obj, target: str) -> None:
+    """``obj.save_pretrained`` into ``target``, whole or not at all (another process may race)."""
+    import shutil
+    import tempfile
+
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".partial-")
+    # A model loaded from GGUF keeps transformers' GGUF "quantizer", which refuses to
+    # save; its weights are plain de-quantised float32 tensors, saved as such.
+    quantizer = obj.__dict__.get("hf_quantizer")
+    try:
+        if quantizer is not None:
+            obj.hf_quantizer = None
+        obj.save_pretrained(tmp)
+        open(os.path.join(tmp, ".complete"), "w").close()
+        os.rename(tmp, target)
+    except Exception as e:  # another process stored it first, a full disk...: loading still works, uncached
+        log.warning("not caching the converted GGUF model in %s: %s: %s", target, type(e).__name__, e)
+        shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        if quantizer is not None:
+            obj.hf_quantizer = quantizer
+
+
+class _QuietGGUF:
+    """Silence transformers' per-tensor progress bar while it converts a GGUF file."""
+
+    def __enter__(self):
+        try:
+            import functools
+
+            import transformers.modeling_gguf_pytorch_utils as gguf_utils
+        except ImportError:
+            self.module = None
+            return self
+        self.module, self.tqdm = gguf_utils, gguf_utils.tqdm
+        gguf_utils.tqdm = functools.partial(self.tqdm, disable=True)
+        return self
+
+    def __exit__(self, *exc):
+        if self.module is not None:
+            self.module.tqdm = self.tqdm
+
+
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     path, gguf = resolve_model(name)
     try:
-        tok = AutoTokenizer.from_pretrained(path, **_gguf_kwargs(gguf))
+        if gguf and _cached(cache := _gguf_cache(path, gguf, "tokenizer")):
+            tok = AutoTokenizer.from_pretrained(cache)
+        else:
+            tok = AutoTokenizer.from_pretrained(path, **_gguf_kwargs(gguf))
+            if gguf:
+                _store(tok, cache)
     except ConfigError:
         raise
     except Exception as e:
@@ -168,12 +243,24 @@ def load_base(model: str, task: str, num_labels: int = 2, **kwargs) -> nn.Module
     from transformers.utils import logging as hf_logging
 
     path, gguf = resolve_model(model)
+    cache = None
+    if gguf and not kwargs:  # a quantised (bitsandbytes) load converts afresh
+        cache = _gguf_cache(path, gguf, task)
+        if _cached(cache):
+            path, gguf = cache, None
     kwargs.update(_gguf_kwargs(gguf))
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected
     hf_logging.disable_progress_bar()
     try:
-        if task == "causal-lm":
+        if gguf:
+            with _QuietGGUF():
+                cls = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+                extra = {} if task == "causal-lm" else {"num_labels": num_labels, "ignore_mismatched_sizes": True}
+                base = cls.from_pretrained(path, **extra, **kwargs)
+            if cache:
+                _store(base, cache)
+        elif task == "causal-lm":
             base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         else:
             # The head is re-drawn from the seed, so a checkpoint with another label count is fine.
