@@ -470,7 +470,8 @@ class ComputeConfig:
     gradient_checkpointing: bool = option(
         "gradient-checkpointing",
         False,
-        "recompute activations in the backward pass (less memory, ~30% more time)",
+        "recompute activations in the backward pass (less memory, more compute); refused with DP-SGD (Opacus' per-sample gradients are wrong with it)",
+        note="not with `dp.epsilon` > 0",
     )
     quantization: Quantization = option(  # noqa: RUF009 (option returns a field)
         "quantization",
@@ -821,6 +822,12 @@ def _check_across_keys(run: RunConfig, cfg: Mapping[str, Any]) -> None:
         raise ConfigError("lora.client-ranks", _get(cfg, "lora.client-ranks").strip(), f"each rank must be in 1..lora.r ({run.lora.r})")
     if run.fraction_evaluate > 0 and run.train.local_eval_fraction == 0:
         raise ConfigError("local-eval-fraction", 0.0, "must be > 0 when fraction-evaluate > 0 (clients need a local split)")
+    if run.compute.gradient_checkpointing and run.dp.enabled:
+        raise ConfigError(
+            "gradient-checkpointing",
+            True,
+            "not with DP-SGD (dp.epsilon > 0): Opacus' hooks also see the recomputed forward pass, and its per-sample gradients then differ from autograd's",
+        )
     if run.compute.quantization != "none" and run.dp.enabled:
         raise ConfigError(
             "quantization",

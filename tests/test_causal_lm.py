@@ -184,6 +184,25 @@ def test_per_sample_gradients_equal_autograd_in_decoders(decoder_dir, qa_dir, tr
     gsm._close()
 
 
+def test_gradient_checkpointing_gives_the_same_gradients_and_is_refused_under_dp_sgd(decoder_dir, qa_dir):
+    enc, _ = _encoded(_run(decoder_dir, dataset=qa_dir), n=4)
+    grads = []
+    for checkpointing in (False, True):
+        model = build_model(_run(decoder_dir, dataset=qa_dir, **{"gradient-checkpointing": checkpointing, "dp.epsilon": 0.0}), 0, train_lora_a=True)
+        _randomise_b(model)
+        model.train()
+        training.forward_loss(model, enc.batch(list(range(len(enc))))).backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    assert model.base_model.model.is_gradient_checkpointing
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    # Opacus' hooks see the recomputed forward pass too, and its per-sample gradients then differ
+    # from autograd's (seen here on both architectures): refused with DP-SGD.
+    with pytest.raises(ConfigError) as e:
+        _run(decoder_dir, **{"gradient-checkpointing": True})
+    assert e.value.key == "gradient-checkpointing" and "DP-SGD" in str(e.value)
+
+
 # -- evaluation: exact match of greedy generations ------------------------------------------
 
 
