@@ -433,3 +433,21 @@ def test_smollm2_loads_offline_and_from_the_conversion_cache_the_same(tmp_path, 
     second = load_base("HuggingFaceTB/SmolLM2-135M-Instruct", "causal-lm")  # from the cache
     for (n, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
         assert torch.equal(a, b), n
+
+
+def test_a_process_starting_a_new_run_releases_the_previous_runs_model(tiny_llama_dir, qa_dir, tmp_path, monkeypatch):
+    import gc
+    import weakref
+
+    from fedlora import node
+
+    released = []
+    monkeypatch.setattr(devices, "release", lambda: (gc.collect(), released.append(True)))
+    settings = {"dataset": qa_dir, "dp.epsilon": 0.0, "cache-dir": str(tmp_path)}
+    cfg = {"partition-id": 0, "num-partitions": 2}
+    first = node.get_runtime(_run(tiny_llama_dir, seed=1, **settings), cfg, (), train_lora_a=False)
+    old = weakref.ref(first.model)
+    assert node.get_runtime(_run(tiny_llama_dir, seed=1, **settings), cfg, (), train_lora_a=False).model is first.model  # same run: reused
+    del first
+    second = node.get_runtime(_run(tiny_llama_dir, seed=2, **settings), cfg, (), train_lora_a=False)  # another run
+    assert released and old() is None and second.model is not None
