@@ -73,6 +73,43 @@ def test_flwr_run_completes_and_writes_outputs(tmp_path):
     assert os.path.isfile(os.path.join(run_dir, "adapter", "adapter_model.safetensors"))
 
 
+def test_flwr_run_fine_tunes_a_causal_lm_with_dp_and_the_adapter_reloads(tmp_path, tiny_llama_dir):
+    # Issue 14's "done when", on a tiny decoder: `flwr run` with task = causal-lm and DP, generation
+    # accuracy in metrics.jsonl, and the adapter loads with PEFT on AutoModelForCausalLM.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from conftest import make_rows, write_jsonl
+
+    qa = [{"prompt": f"{r['text']}. good or bad?", "response": "good" if r["label"] else "bad"} for r in make_rows(300, seed=1)]
+    write_jsonl(str(tmp_path / "qa" / "train.jsonl"), qa[:260])
+    write_jsonl(str(tmp_path / "qa" / "validation.jsonl"), qa[260:])
+    out = tmp_path / "out"
+    proc = _flwr_sim(
+        tmp_path,
+        'task="causal-lm"',
+        f'model="{tiny_llama_dir}"',
+        f'dataset="{tmp_path / "qa"}"',
+        f'output-dir="{out}"',
+        f'cache-dir="{tmp_path / "cache"}"',
+        'run-name="lm"',
+        "num-server-rounds=1",
+        "local-steps=3",
+        "batch-size=16",
+        "max-length=40",
+        "dp.epsilon=3.0",
+        "eval.max-new-tokens=3",
+        port_base=39700,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (run_dir,) = glob.glob(str(out / "lm*"))
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    assert [r["round"] for r in rows] == [0, 1] and rows[-1]["clients"] == 2 and 0 < rows[-1]["epsilon"] <= 3.0
+    assert all("exact_match" in r and "perplexity" in r for r in rows)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), os.path.join(run_dir, "adapter"))
+    assert any(".lora_B." in n and float(p.abs().max()) > 0 for n, p in model.named_parameters())
+
+
 def test_flwr_run_failure_is_reported_not_swallowed(tmp_path):
     # flwr run itself exits 0 for a failed run; the script must not.
     proc = _flwr_sim(tmp_path, f'dataset="{tmp_path / "missing"}"', f'output-dir="{tmp_path / "out"}"', port_base=39400)
