@@ -213,6 +213,19 @@ def child_fedlora(spec: dict[str, Any]) -> None:
     events("done")
 
 
+def child_warm(spec: dict[str, Any]) -> None:
+    """Read the dataset once, so that every timed run finds it in the datasets cache
+    (the first run would otherwise pay the conversion to Arrow alone)."""
+    sys.path.insert(0, ROOT)
+    from fedlora import data
+    from fedlora.config import parse_run_config
+    from fedlora.model import load_tokenizer
+
+    run = parse_run_config({k: v for k, v in spec["overrides"].items() if k != "num-partitions"})
+    data.load_task(run.data, kind=run.task)
+    load_tokenizer(run.model)
+
+
 # -- the parent: launch, watch memory, clean up -------------------------------------------
 
 
@@ -347,7 +360,7 @@ def _read_jsonl(path: str) -> list[dict[str, Any]]:
 
 
 def launch(kind: str, spec: dict[str, Any], folder: str, timeout: float) -> dict[str, Any]:
-    """Run one child process (``kind``: trivial or fedlora) and watch its tree."""
+    """Run one child process (``kind``: trivial, fedlora or warm) and watch its tree."""
     os.makedirs(folder, exist_ok=True)
     spec = {**spec, "events": os.path.join(folder, "events.jsonl")}
     spec_path = os.path.join(folder, "spec.json")
@@ -359,6 +372,8 @@ def launch(kind: str, spec: dict[str, Any], folder: str, timeout: float) -> dict
             "FLWR_HOME": os.path.join(folder, "flwr-home"),
             "RAY_TMPDIR": folder,  # a short path: Ray's socket paths must fit 107 characters
             "FEDLORA_CACHE_DIR": os.path.join(folder, "cache"),
+            # One datasets cache for the whole benchmark (warmed first), not the user's.
+            "HF_DATASETS_CACHE": spec["datasets_cache"],
             "PYTHONUNBUFFERED": "1",
             "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p),
         }
@@ -396,6 +411,10 @@ def launch(kind: str, spec: dict[str, Any], folder: str, timeout: float) -> dict
         "left_running": left if status == "done" else None,
         "log": log_path,
     }
+    if kind == "warm":
+        if status != "done":
+            print(f"  reading the dataset: {status}; the end of {log_path}:\n{_tail(log_path)}", flush=True)
+        return out
     events = _read_jsonl(spec["events"])
     first = {}
     for e in events:
@@ -418,6 +437,10 @@ def launch(kind: str, spec: dict[str, Any], folder: str, timeout: float) -> dict
         eval_s = {r: at("eval-end", r) - at("eval-start", r) for (name, r) in first if name == "eval-end" and at("eval-start", r) is not None}
         metrics = [p for p in _find(os.path.join(folder, "out"), "metrics.jsonl")]
         rows = [r for r in _read_jsonl(metrics[0]) if r["round"] > 0] if metrics else []
+        seen: set[str] = set()
+        for row in rows:  # the sampled nodes no earlier round sampled: they set up their data first
+            row["new_nodes"] = len(set(row.get("client_metrics", {})) - seen)
+            seen |= set(row.get("client_metrics", {}))
         out["rounds"] = {
             row["round"]: {
                 "seconds": row["seconds"],
@@ -425,6 +448,7 @@ def launch(kind: str, spec: dict[str, Any], folder: str, timeout: float) -> dict
                 "replies": row.get("clients"),
                 "sampled": row.get("sampled"),
                 "failures": row.get("failures"),
+                "new_nodes": row["new_nodes"],
                 "train_seconds_max": row.get("train_seconds_max"),
                 "client_seconds_max": row.get("client_seconds_max"),
                 "client_seconds_sum": sum(float(m.get("client-seconds", 0.0)) for m in row.get("client_metrics", {}).values()),
@@ -455,7 +479,7 @@ def _mean_after_first(rounds: dict[int, dict[str, Any]], key: str) -> float | No
 def summarise(res: dict[str, Any], actors: int) -> dict[str, Any]:
     rounds = res.get("rounds", {})
     out = {k: res.get(k) for k in ("status", "startup_s", "peak_rss_gib", "peak_pss_gib", "wall_s")}
-    for key in ("seconds", "eval_seconds", "client_seconds_max", "train_seconds_max", "client_seconds_sum", "train_seconds_sum"):
+    for key in ("seconds", "eval_seconds", "client_seconds_max", "train_seconds_max", "client_seconds_sum", "train_seconds_sum", "new_nodes"):
         out[key] = _mean_after_first(rounds, key)
     out["round1_s"] = rounds.get(1, {}).get("seconds")
     if res.get("to_round1_done_s") is not None and out["seconds"] is not None and len(rounds) > 1:
@@ -536,6 +560,8 @@ def report_kind(kind: str, by_n: dict[int, dict[str, Any]], clients: list[int], 
             ("  client s, max (client_seconds_max)", of("client_seconds_max"), ""),
             ("  training s, max (train_seconds_max)", of("train_seconds_max"), ""),
             ("  client s, sum over the sampled", of("client_seconds_sum"), ""),
+            ("  training s, sum over the sampled", of("train_seconds_sum"), ""),
+            ("  sampled nodes new to the run (set-up)", of("new_nodes"), ""),
             (f"  rest: round - eval - sum / {actors} actor(s)", of("rest_s"), ""),
             ("  Flower alone, round s (trivial work)", of("seconds", flower_round), ""),
             ("round 1 s (builds the model in the actors)", of("round1_s"), ""),
@@ -623,13 +649,13 @@ def main() -> None:
     ap.add_argument("--skip-fedlora", action="store_true", help="skip fedlora's runs")
     ap.add_argument("--json", help="also write every measurement to this file")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, run folders)")
-    ap.add_argument("--child", choices=("trivial", "fedlora"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=("trivial", "fedlora", "warm"), help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         with open(args.spec) as f:
             spec = json.load(f)
-        (child_trivial if args.child == "trivial" else child_fedlora)(spec)
+        {"trivial": child_trivial, "fedlora": child_fedlora, "warm": child_warm}[args.child](spec)
         return
 
     clients = [int(c) for c in args.clients.split(",") if c.strip()]
@@ -658,10 +684,22 @@ def main() -> None:
             print(f"fedlora: {json.dumps(base)}")
             print(f"data: {data_desc}")
         print(f"work folder: {work}", flush=True)
+        datasets_cache = os.path.join(work, "hf-datasets")
+        if not args.skip_fedlora:
+            print("reading the dataset once (the datasets cache) ...", flush=True)
+            warm = launch("warm", {"overrides": base, "datasets_cache": datasets_cache}, os.path.join(work, "warm"), args.timeout)
+            if warm["status"] != "done":
+                sys.exit(1)
         results: dict[str, dict[int, dict[str, Any]]] = {k: {} for k in kinds}
         for n in clients:
             for kind in kinds:
-                spec: dict[str, Any] = {"nodes": n, "sampled": args.sampled, "rounds": args.rounds, "cpus_per_client": args.cpus_per_client}
+                spec: dict[str, Any] = {
+                    "nodes": n,
+                    "sampled": args.sampled,
+                    "rounds": args.rounds,
+                    "cpus_per_client": args.cpus_per_client,
+                    "datasets_cache": datasets_cache,
+                }
                 if kind != "trivial":
                     folder = os.path.join(work, f"{kind[0]}{n}")
                     spec["overrides"] = {

@@ -138,53 +138,34 @@ def _minilm_tokenizer(chat: bool):
     return tok
 
 
+def _save_tiny(directory, model_cls, cfg, tok) -> str:
+    import torch
+
+    torch.manual_seed(0)
+    model_cls(cfg).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return str(directory)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory):
     """A tiny random Llama (grouped-query attention: v_proj is not square) with a chat template."""
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    d = tmp_path_factory.mktemp("tiny-llama")
     tok = _minilm_tokenizer(chat=True)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return str(d)
+    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    cfg = LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True, **sizes)
+    return _save_tiny(tmp_path_factory.mktemp("tiny-llama"), LlamaForCausalLM, cfg, tok)
 
 
 @pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory):
     """A tiny random GPT-2 (Conv1D c_attn), with a tokenizer without a chat template."""
-    import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    d = tmp_path_factory.mktemp("tiny-gpt2")
     tok = _minilm_tokenizer(chat=False)
+    no_dropout = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # per-example references must be deterministic
     cfg = GPT2Config(
-        vocab_size=len(tok),
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        n_positions=256,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.sep_token_id,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,  # no dropout: per-example references must be deterministic
+        vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=256, pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id, **no_dropout
     )
-    torch.manual_seed(0)
-    GPT2LMHeadModel(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return str(d)
+    return _save_tiny(tmp_path_factory.mktemp("tiny-gpt2"), GPT2LMHeadModel, cfg, tok)
