@@ -167,6 +167,42 @@ def methods() -> None:
     print(f"\n{len(runs)} runs complete, {partial} incomplete; {_wall('sst2-methods')}.\n")
 
 
+def smollm2() -> None:
+    runs, partial = _complete("smollm2-sst2")
+    print("### SmolLM2-135M-Instruct on SST-2 as instructions (3 clients, IID, ε = 3)\n")
+    print(
+        "| strategy | exact match by round (0 = zero-shot) | final loss (nats / response token) | ε spent | kB up / client / round | upload vs LoRA (values) | wall time |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in sorted(runs, key=lambda r: r.config["strategy"]):
+        em = " → ".join(f"{x['exact_match']:.3f}" for x in r.rows)
+        last = r.final
+        payload = json.load(open(os.path.join(r.path, "config.json")))["payload"]
+        minutes = sum(x.get("seconds", 0) for x in r.rows) / 60
+        print(
+            f"| {r.config['strategy']} | {em} | {last['loss']:.4f} | {last['epsilon']:.3f} | {last['bytes_up'] / max(1, last['clients']) / 1e3:.0f} | "
+            f"{payload['upload-values-vs-lora']:.2f} | {minutes:.0f} min of rounds |"
+        )
+    if runs:
+        print(f"\nMajority answer of the 128 evaluation reviews: {runs[0].majority:.3f}.")
+    print(f"\n{len(runs)} runs complete, {partial} incomplete; {_wall('smollm2-sst2')}.\n")
+
+
+def wire() -> None:
+    runs, partial = _complete("sst2-wire")
+    print("### Wire format: float32, float16, bfloat16 (SST-2, IID, ε = 3, seed 0)\n")
+    print("| strategy | wire.dtype | final accuracy | kB up / client / round | up vs LoRA float32 |")
+    print("|---|---|---|---|---|")
+    per_client = {(r.config["strategy"], r.config["wire.dtype"]): r.final["bytes_up"] / max(1, r.final["clients"]) for r in runs}
+    base = per_client.get(("lora", "float32"))
+    order = {"float32": 0, "float16": 1, "bfloat16": 2}
+    for r in sorted(runs, key=lambda r: (r.config["strategy"], order[r.config["wire.dtype"]])):
+        key = (r.config["strategy"], r.config["wire.dtype"])
+        ratio = f"{per_client[key] / base:.3f}" if base else "–"
+        print(f"| {key[0]} | {key[1]} | {r.final['accuracy']:.4f} | {per_client[key] / 1e3:.1f} | {ratio} |")
+    print(f"\n{len(runs)} runs complete, {partial} incomplete; {_wall('sst2-wire')}.\n")
+
+
 def lost_replies() -> None:
     """Runs in which some round aggregated fewer clients than it sampled: listed, so a
     number in the tables never hides a round that lost a client."""
@@ -195,4 +231,6 @@ if __name__ == "__main__":
     alpha()
     rte()
     methods()
+    smollm2()
+    wire()
     lost_replies()
