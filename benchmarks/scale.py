@@ -6,7 +6,8 @@
                                [--set KEY=VALUE] [--json FILE] [--keep] [--skip-trivial] [--skip-fedlora]
 
 For each number N of simulated nodes, each run in a fresh process (its own
-Ray, FLWR_HOME, output and token cache in a temporary folder):
+Ray, FLWR_HOME, output and token cache in a temporary folder; one datasets
+cache for the whole benchmark, filled once before the timed runs):
 
 - Flower alone: a trivial ServerApp (Flower's FedAvg sampling 10 nodes per
   round) and a ClientApp that replies at once with a 4-value array, through
@@ -18,16 +19,21 @@ Ray, FLWR_HOME, output and token cache in a temporary folder):
   --data-dir / $FEDLORA_DATA_DIR if it holds sst2/, else the built-in
   synthetic task written to files at SST-2's size (67,349 training sentences).
 
-Per N it prints: start-up (process start -> the first round begins, with its
-parts), the mean round wall time of rounds >= 2 (metrics.jsonl ``seconds``:
-from sampling to the metrics line, the server's evaluation included), the
-clients' time per round (max and sum of ``client-seconds``, max of
-``train-seconds``), Flower's round time with trivial work, and the peak memory
-of the whole process tree (the sum of the resident memory of the run's process
-and all its descendants, Ray's included, sampled every 0.5 s; PSS next to it,
-which counts shared pages once). Ratios: round time at N / at the smallest N
-(goal: about 1, independent of N), start-up / 30 s (goal <= 1), peak memory /
-6 GiB (goal < 1).
+Per N it prints:
+- start-up: process start -> the first round begins (with its parts: imports,
+  the server's model and data, nodes connected, round 0's evaluation); and,
+  since Ray's actors start while the server does and round 1 builds the model
+  in them, the end of round 1 minus a steady round;
+- the mean round wall time of rounds >= 2 (metrics.jsonl ``seconds``: from
+  sampling to the metrics line, the server's evaluation included), the
+  clients' time per round (max and sum of ``client-seconds``, max and sum of
+  ``train-seconds``), how many of the sampled nodes no earlier round sampled
+  (they build their data first), and Flower's round time with trivial work;
+- the peak memory of the whole process tree: the sum of the resident memory
+  of the run's process and all its descendants (Ray's included), sampled
+  every 0.5 s; PSS next to it, which counts shared pages once.
+Ratios: round time at N / at the smallest N (goal: about 1, independent of
+N), start-up / 30 s (goal <= 1), peak memory / 6 GiB (goal < 1).
 """
 
 from __future__ import annotations
@@ -277,9 +283,10 @@ class Tree:
         self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
         self.peak_procs = max(self.peak_procs, len(procs))
 
-    def end(self, grace: float = 5.0) -> int:
+    def end(self, grace: float = 5.0) -> list[str]:
         """Terminate, then kill, every process of the tree still alive (only those:
-        psutil checks a pid still belongs to the process seen). Returns how many were left."""
+        psutil checks a pid still belongs to the process seen). Returns the names of
+        those that were left (the root's included, if it was still running)."""
         if self.psutil:
             try:
                 for p in self.root.children(recursive=True):
@@ -287,6 +294,12 @@ class Tree:
             except self.psutil.Error:
                 pass
             alive = [p for p in self.seen.values() if p.is_running()]
+            names = []
+            for p in alive:
+                try:
+                    names.append(p.name())
+                except self.psutil.Error:
+                    names.append(str(p.pid))
             for p in alive:
                 try:
                     p.terminate()
@@ -298,9 +311,16 @@ class Tree:
                     p.kill()
                 except self.psutil.Error:
                     pass
-            return len(alive)
+            return names
         self.seen.update(_proc_tree(self.pid))
         alive = [pid for pid, start in self.seen.items() if _start_time(pid) == start]
+        names = []
+        for pid in alive:
+            try:
+                with open(f"/proc/{pid}/comm") as f:
+                    names.append(f.read().strip())
+            except OSError:
+                names.append(str(pid))
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for pid in alive:
                 if _start_time(pid) == self.seen[pid]:
@@ -311,7 +331,7 @@ class Tree:
             deadline = time.monotonic() + grace
             while sig == signal.SIGTERM and time.monotonic() < deadline and any(_start_time(p) == self.seen[p] for p in alive):
                 time.sleep(0.2)
-        return len(alive)
+        return names
 
 
 def _stat(pid: int) -> list[str] | None:
@@ -408,7 +428,7 @@ def launch(kind: str, spec: dict[str, Any], folder: str, timeout: float) -> dict
         "peak_rss_gib": tree.peak_rss / GIB,
         "peak_pss_gib": tree.peak_pss / GIB,
         "peak_processes": tree.peak_procs,
-        "left_running": left if status == "done" else None,
+        "left_running": left,  # processes of the tree still running when it ended (then ended here)
         "log": log_path,
     }
     if kind == "warm":

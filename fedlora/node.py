@@ -202,7 +202,9 @@ def get_runtime(run: RunConfig, node_config: dict, label_names: tuple[str, ...],
             raise ConfigError("lora-rank", rank, f"this node's rank differs from lora.r = {run.lora.r}, and the run's strategy cannot aggregate mixed ranks")
         run = dataclasses.replace(run, lora=dataclasses.replace(run.lora, r=rank, alpha=run.lora.alpha * rank / run.lora.r))
     dkey = _data_key(run, node_config, label_names)
-    if dkey not in _NODE_DATA:
+    if dkey in _NODE_DATA:
+        _NODE_DATA[dkey] = _NODE_DATA.pop(dkey)  # most recently used last: eviction takes the least recently used
+    else:
         if len(_NODE_DATA) >= _MAX_NODES_PER_PROCESS:
             _NODE_DATA.pop(next(iter(_NODE_DATA)))
         _NODE_DATA[dkey] = _build_node_data(run, node_config, label_names)
@@ -239,7 +241,7 @@ def _build_node_data(run: RunConfig, node_config: dict, label_names: tuple[str, 
     cache_key += f"|{d.label_column}|{label_names}|{d.train_split}|{d.eval_split}"
     if run.task == "causal-lm":
         cache_key += f"|{d.prompt_column}|{d.response_column}|{d.prompt_template}|{d.label_words}"
-    tok = load_tokenizer(run.model)
+    tok = _tokenizer(run.model)
     cdir = node_state_dir(run, node_config)
     train_enc = data_mod.encode(ds, tok, text_columns, run.data.max_length, cache_key + "|train", cdir)
     eval_enc = data_mod.encode(eval_ds, tok, text_columns, run.data.max_length, cache_key + "|eval", cdir) if eval_ds is not None else None
@@ -250,6 +252,12 @@ def _build_node_data(run: RunConfig, node_config: dict, label_names: tuple[str, 
     if len(train_enc) == 0:
         raise ConfigError("max-length", d.max_length, "no training example of this node fits (prompt + response)")
     return train_enc, eval_enc, stream, private
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(model: str):
+    """One tokenizer per model and process (a process may serve hundreds of simulated nodes)."""
+    return load_tokenizer(model)
 
 
 def train_size_after_holdout(n: int, fraction: float) -> int:

@@ -196,3 +196,19 @@ def test_a_process_serving_many_nodes_splits_the_data_once(monkeypatch):
     assert len(built) == 1 and sum(len(x) for x in parts) == 100
     data_mod.partition(ds, p, 0, 10, seed=1)  # another seed: another split
     assert len(built) == 2
+
+
+def test_dirichlet_over_a_thousand_partitions_splits_and_an_empty_one_is_refused_alone():
+    # flwr-datasets redraws until every partition reaches its minimum size and gives up after 10
+    # draws: with a minimum of 1, Dirichlet(0.5) over 1,000 partitions failed for every node.
+    ds = datasets.Dataset.from_list([{"text": f"t{i}", "label": i % 2} for i in range(5000)])
+    p = _cfg(**{"partition.method": "dirichlet"}).partition
+    data_mod._PARTITIONERS.clear()
+    sizes, empty = [], 0
+    for i in range(1000):
+        try:
+            sizes.append(len(data_mod.partition(ds, p, i, 1000, seed=0)))
+        except ConfigError as e:
+            assert e.key == "partition.method" and "is empty" in str(e)
+            empty += 1
+    assert sum(sizes) == 5000 and len(sizes) + empty == 1000 and len(sizes) > 500
