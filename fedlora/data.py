@@ -407,8 +407,8 @@ def encode(ds: datasets.Dataset, tokenizer, text_columns, max_length: int, cache
 
 PROMPT, RESPONSE, MESSAGES = "prompt", "response", "messages"  # the columns of a normalised causal-lm split
 SST2_WORDS = ("negative", "positive")
-# SmolLM2-135M-Instruct answers this one with the bare word most often zero-shot (of three
-# phrasings tried on 48 validation reviews: 0.48 exact match, against 0.15 and 0.04).
+# Of three phrasings tried zero-shot on a few dozen validation reviews, the one SmolLM2-135M-Instruct
+# answered most often with the bare word (the others drew sentences such as "The sentiment of ...").
 SST2_TEMPLATE = "Is the following movie review positive or negative?\n\n{text}\n\nAnswer with one word: positive or negative."
 GENERIC_TEMPLATE = "{text}\n\nAnswer with one of: {choices}."
 PAIR_TEMPLATE = "{text}\n{text2}\n\nAnswer with one of: {choices}."
