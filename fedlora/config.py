@@ -1062,36 +1062,20 @@ def markdown() -> str:
     ]
     for group in GROUPS:
         where = "`run`" if group is RunConfig else f"`run.{_group_path(group)}`"
-        about = " ".join(group.__doc__.split())
-        lines += [
-            "",
-            f"## {group.title}",
-            "",
-            f"{about} Parsed into {where} (`{group.__name__}`).",
-            "",
-            _row("key", "type", "default", "allowed", "meaning"),
-            _row(*["---"] * 5),
-        ]
-        for cls, opt in _DECLARED:
-            if cls is group:
-                default = f"`{_toml(opt.flower_default)}`"
-                lines.append(_row(f"`{opt.key}`", _type_name(opt.type), default, _allowed(opt), opt.help))
+        lines += _section(group, f"Parsed into {where} (`{group.__name__}`).", _DECLARED)
     for group in NODE_GROUPS:
-        about = " ".join(group.__doc__.split())
-        lines += [
-            "",
-            f"## {group.title}",
-            "",
-            f"{about} Not run config: set per SuperNode (`flower-supernode --node-config 'key=value ...'`).",
-            "",
-            _row("key", "type", "default", "allowed", "meaning"),
-            _row(*["---"] * 5),
-        ]
-        for cls, opt in _NODE_DECLARED:
-            if cls is group:
-                default = f"`{_toml(opt.flower_default)}`"
-                lines.append(_row(f"`{opt.key}`", _type_name(opt.type), default, _allowed(opt), opt.help))
+        lines += _section(group, "Not run config: set per SuperNode (`flower-supernode --node-config 'key=value ...'`).", _NODE_DECLARED)
     return "\n".join(lines) + "\n"
+
+
+def _section(group: type, where: str, declared: tuple[tuple[type, Option], ...]) -> list[str]:
+    """One group's heading, description and table of keys."""
+    about = " ".join(group.__doc__.split())
+    lines = ["", f"## {group.title}", "", f"{about} {where}", "", _row("key", "type", "default", "allowed", "meaning"), _row(*["---"] * 5)]
+    for cls, opt in declared:
+        if cls is group:
+            lines.append(_row(f"`{opt.key}`", _type_name(opt.type), f"`{_toml(opt.flower_default)}`", _allowed(opt), opt.help))
+    return lines
 
 
 def _group_path(group: type) -> str:
