@@ -264,6 +264,15 @@ def test_device_specs_resolve(monkeypatch):
         devices.resolve_device("cuda:2")
 
 
+def test_bf16_where_the_device_cannot_is_a_clear_error(monkeypatch):
+    run = parse_run_config({"precision": "bf16"})
+    monkeypatch.setattr(devices, "supports_bf16", lambda device: False)
+    with pytest.raises(ConfigError) as e:
+        devices.check_precision(run.compute, torch.device("cpu"))
+    assert e.value.key == "precision" and "bfloat16" in str(e.value)
+    devices.check_precision(parse_run_config({}).compute, torch.device("cpu"))  # fp32: nothing to check
+
+
 def test_quantisation_needs_cuda_and_is_refused_under_dp():
     with pytest.raises(ConfigError) as e:
         parse_run_config({"quantization": "4bit"})  # dp.epsilon defaults to 3
