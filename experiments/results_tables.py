@@ -191,15 +191,15 @@ def smollm2() -> None:
 def wire() -> None:
     runs, partial = _complete("sst2-wire")
     print("### Wire format: float32, float16, bfloat16 (SST-2, IID, ε = 3, seed 0)\n")
-    print("| strategy | wire.dtype | final accuracy | kB up / client / round | up vs LoRA float32 |")
-    print("|---|---|---|---|---|")
+    print("| strategy | wire.dtype | final accuracy | final loss | kB up / client / round | up vs LoRA float32 |")
+    print("|---|---|---|---|---|---|")
     per_client = {(r.config["strategy"], r.config["wire.dtype"]): r.final["bytes_up"] / max(1, r.final["clients"]) for r in runs}
     base = per_client.get(("lora", "float32"))
     order = {"float32": 0, "float16": 1, "bfloat16": 2}
     for r in sorted(runs, key=lambda r: (r.config["strategy"], order[r.config["wire.dtype"]])):
         key = (r.config["strategy"], r.config["wire.dtype"])
         ratio = f"{per_client[key] / base:.3f}" if base else "–"
-        print(f"| {key[0]} | {key[1]} | {r.final['accuracy']:.4f} | {per_client[key] / 1e3:.1f} | {ratio} |")
+        print(f"| {key[0]} | {key[1]} | {r.final['accuracy']:.4f} | {r.final['loss']:.5f} | {per_client[key] / 1e3:.1f} | {ratio} |")
     print(f"\n{len(runs)} runs complete, {partial} incomplete; {_wall('sst2-wire')}.\n")
 
 
