@@ -75,61 +75,13 @@ class Events:
 
 
 def _run_flower(server_app, client_app, num_nodes: int, app_config: dict[str, Any], cpus_per_client: int) -> None:
-    """Flower's simulation as ``fedlora.simulation.simulate`` runs it (same internal
-    entry point, an app directory whose pyproject every node's context reads, the
-    same backend settings), for other apps."""
-    from pathlib import Path
+    """Flower's simulation exactly as ``fedlora.simulation.simulate`` runs it, for the trivial app."""
+    sys.path.insert(0, ROOT)
+    from fedlora.simulation import _write_pyproject, run_apps
 
-    from flwr.app import Context, RecordDict
-    from flwr.common.config import get_fused_config_from_dir
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.simulation.run_simulation import _run_simulation
-    from flwr.supercore.constant import NOOP_FEDERATION_ID
-    from flwr.supercore.run import Run
-    from flwr.supercore.task_identity import TaskIdentity
-    from flwr.supercore.telemetry import EventType
-
-    os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     with tempfile.TemporaryDirectory(prefix="scale-app-") as app_dir:
-        lines = [
-            "[project]",
-            'name = "scale-trivial"',
-            'version = "0.0.0"',
-            "",
-            "[tool.flwr.app]",
-            'publisher = "fedlora"',
-            "",
-            "[tool.flwr.app.components]",
-            'serverapp = "scale:server"',
-            'clientapp = "scale:client"',
-            "",
-            "[tool.flwr.app.config]",
-        ] + [f'"{k}" = {json.dumps(v)}' for k, v in app_config.items()]
-        Path(app_dir, "pyproject.toml").write_text("\n".join(lines) + "\n")
-        run_id = int.from_bytes(os.urandom(6), "little")
-        run = Run.create_empty(run_id=run_id)
-        run.primary_task_id = run_id + 1
-        run.federation_id = NOOP_FEDERATION_ID
-        run.override_config = {}
-        run.fab_id, run.fab_version = "fedlora/scale-trivial", "0.0.0"
-        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
-        context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=get_fused_config_from_dir(Path(app_dir), {}))
-        cpus = os.cpu_count() or 1
-        backend = {
-            "client_resources": {"num_cpus": min(cpus_per_client, cpus), "num_gpus": 0.0},
-            "init_args": {"num_cpus": cpus, "log_to_driver": True, "include_dashboard": False},
-        }
-        _run_simulation(
-            num_supernodes=num_nodes,
-            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-            client_app=client_app,
-            server_app=server_app,
-            backend_config=backend,
-            server_app_context=context,
-            app_dir=app_dir,
-            run=run,
-            is_app=True,
-        )
+        _write_pyproject(app_dir, "scale-trivial", ("scale:server", "scale:client"), app_config)
+        run_apps(server_app, client_app, num_nodes, app_dir, cpus_per_client, fab_id="fedlora/scale-trivial")
 
 
 def child_trivial(spec: dict[str, Any]) -> None:

@@ -33,32 +33,35 @@ def _toml_value(v: Any) -> str:
     return json.dumps(str(v))  # a JSON string is a valid TOML basic string
 
 
-def write_app_dir(overrides: dict[str, Any], directory: str) -> dict[str, Any]:
-    config = {**DEFAULTS, **overrides}
-    parse_run_config(config)  # fail here, with the key named, not inside Ray
+def _write_pyproject(directory: str, name: str, components: tuple[str, str], config: dict[str, Any]) -> None:
     lines = [
         "[project]",
-        'name = "fedlora-sim"',
+        f'name = "{name}"',
         'version = "0.0.0"',
         "",
         "[tool.flwr.app]",
         'publisher = "fedlora"',
         "",
         "[tool.flwr.app.components]",
-        'serverapp = "fedlora.server_app:app"',
-        'clientapp = "fedlora.client_app:app"',
+        f'serverapp = "{components[0]}"',
+        f'clientapp = "{components[1]}"',
         "",
         "[tool.flwr.app.config]",
     ] + [f'"{k}" = {_toml_value(v)}' for k, v in config.items()]
     Path(directory, "pyproject.toml").write_text("\n".join(lines) + "\n")
+
+
+def write_app_dir(overrides: dict[str, Any], directory: str) -> dict[str, Any]:
+    config = {**DEFAULTS, **overrides}
+    parse_run_config(config)  # fail here, with the key named, not inside Ray
+    _write_pyproject(directory, "fedlora-sim", ("fedlora.server_app:app", "fedlora.client_app:app"), config)
     return config
 
 
-def simulate(overrides: dict[str, Any] | None = None, num_supernodes: int | None = None, cpus_per_client: int = 2) -> None:
-    """Run one simulation in this process; raises what the ServerApp raises.
-
-    ``overrides`` is a run config, plus optionally ``num-partitions``: the number
-    of simulated nodes (default 3) when ``num_supernodes`` is not given."""
+def run_apps(server_app, client_app, num_supernodes: int, app_dir: str, cpus_per_client: int = 2, fab_id: str = "fedlora/fedlora") -> None:
+    """Run ``server_app`` and ``client_app`` as an in-process Flower simulation of
+    ``num_supernodes`` nodes; every context's run config is read from ``app_dir``'s
+    pyproject. Used by ``simulate`` and by ``benchmarks/scale.py`` (for a trivial app)."""
     from flwr.app import Context, RecordDict
     from flwr.common.config import get_fused_config_from_dir
     from flwr.common.constant import SUPERLINK_NODE_ID
@@ -68,47 +71,54 @@ def simulate(overrides: dict[str, Any] | None = None, num_supernodes: int | None
     from flwr.supercore.task_identity import TaskIdentity
     from flwr.supercore.telemetry import EventType
 
+    os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    run_id = int.from_bytes(os.urandom(6), "little")
+    run = Run.create_empty(run_id=run_id)
+    run.primary_task_id = run_id + 1
+    run.federation_id = NOOP_FEDERATION_ID
+    run.override_config = {}
+    run.fab_id, run.fab_version = fab_id, "0.0.0"
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
+    server_context = Context(
+        run_id=run_id,
+        node_id=0,
+        node_config={},
+        state=RecordDict(),
+        run_config=get_fused_config_from_dir(Path(app_dir), {}),
+    )
+    cpus = os.cpu_count() or 1
+    backend = {
+        "client_resources": {"num_cpus": min(cpus_per_client, cpus), "num_gpus": 0.0},
+        # No Ray dashboard: it costs CPU at every start and nothing here reads it.
+        "init_args": {"num_cpus": cpus, "log_to_driver": True, "include_dashboard": False},
+    }
+    _run_simulation(
+        num_supernodes=num_supernodes,
+        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+        client_app=client_app,
+        server_app=server_app,
+        backend_config=backend,
+        server_app_context=server_context,
+        app_dir=app_dir,
+        run=run,
+        is_app=True,
+    )
+
+
+def simulate(overrides: dict[str, Any] | None = None, num_supernodes: int | None = None, cpus_per_client: int = 2) -> None:
+    """Run one simulation in this process; raises what the ServerApp raises.
+
+    ``overrides`` is a run config, plus optionally ``num-partitions``: the number
+    of simulated nodes (default 3) when ``num_supernodes`` is not given."""
     from .client_app import app as client_app
     from .server_app import app as server_app
 
     overrides = dict(overrides or {})
     # Not a run-config key: how many simulated nodes (Flower gives each its partition-id / num-partitions).
     nodes = overrides.pop(NODES_KEY, DEFAULT_NODES)
-    num_supernodes = num_supernodes or int(nodes)
-    os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     with tempfile.TemporaryDirectory(prefix="fedlora-app-") as app_dir:
         write_app_dir(overrides, app_dir)
-        run_id = int.from_bytes(os.urandom(6), "little")
-        run = Run.create_empty(run_id=run_id)
-        run.primary_task_id = run_id + 1
-        run.federation_id = NOOP_FEDERATION_ID
-        run.override_config = {}
-        run.fab_id, run.fab_version = "fedlora/fedlora", "0.0.0"
-        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
-        server_context = Context(
-            run_id=run_id,
-            node_id=0,
-            node_config={},
-            state=RecordDict(),
-            run_config=get_fused_config_from_dir(Path(app_dir), {}),
-        )
-        cpus = os.cpu_count() or 1
-        backend = {
-            "client_resources": {"num_cpus": min(cpus_per_client, cpus), "num_gpus": 0.0},
-            # No Ray dashboard: it costs CPU at every start and nothing here reads it.
-            "init_args": {"num_cpus": cpus, "log_to_driver": True, "include_dashboard": False},
-        }
-        _run_simulation(
-            num_supernodes=num_supernodes,
-            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-            client_app=client_app,
-            server_app=server_app,
-            backend_config=backend,
-            server_app_context=server_context,
-            app_dir=app_dir,
-            run=run,
-            is_app=True,
-        )
+        run_apps(server_app, client_app, num_supernodes or int(nodes), app_dir, cpus_per_client)
 
 
 def main(argv: list[str] | None = None) -> None:
