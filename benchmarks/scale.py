@@ -42,6 +42,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import statistics
@@ -70,8 +71,11 @@ class Events:
         self.path = path
 
     def __call__(self, name: str, **fields: Any) -> None:
+        # cpu: this (driver) process's CPU seconds so far, all threads: the SuperLink, the
+        # ServerApp and Flower's simulation loop (the ClientApps run in Ray's actor processes).
+        usage = resource.getrusage(resource.RUSAGE_SELF)
         with open(self.path, "a") as f:
-            f.write(json.dumps({"event": name, "t": time.time(), **fields}) + "\n")
+            f.write(json.dumps({"event": name, "t": time.time(), "cpu": usage.ru_utime + usage.ru_stime, **fields}) + "\n")
 
 
 def _run_flower(server_app, client_app, num_nodes: int, app_config: dict[str, Any], cpus_per_client: int) -> None:
@@ -403,8 +407,22 @@ def launch(kind: str, spec: dict[str, Any], folder: str, timeout: float) -> dict
     out["to_round0_evaluated_s"] = at("eval-end", 0)
     out["startup_s"] = at("round-start", 1)
     out["to_round1_done_s"] = at("round-end" if kind == "trivial" else "eval-end", 1)
+
+    def driver_cpu(start: str, end: str, rnd: int) -> float | None:
+        a, b = first.get((start, rnd)), first.get((end, rnd))
+        return b["cpu"] - a["cpu"] if a and b and "cpu" in a and "cpu" in b else None
+
     if kind == "trivial":
-        out["rounds"] = {e["round"]: {"seconds": e["seconds"], "sampled": e["sampled"], "replies": e["replies"]} for e in events if e["event"] == "round-end"}
+        out["rounds"] = {
+            e["round"]: {
+                "seconds": e["seconds"],
+                "sampled": e["sampled"],
+                "replies": e["replies"],
+                "driver_cpu_s": driver_cpu("round-start", "round-end", e["round"]),
+            }
+            for e in events
+            if e["event"] == "round-end"
+        }
     else:
         eval_s = {r: at("eval-end", r) - at("eval-start", r) for (name, r) in first if name == "eval-end" and at("eval-start", r) is not None}
         metrics = [p for p in _find(os.path.join(folder, "out"), "metrics.jsonl")]
@@ -425,6 +443,8 @@ def launch(kind: str, spec: dict[str, Any], folder: str, timeout: float) -> dict
                 "client_seconds_max": row.get("client_seconds_max"),
                 "client_seconds_sum": sum(float(m.get("client-seconds", 0.0)) for m in row.get("client_metrics", {}).values()),
                 "train_seconds_sum": sum(float(m.get("train-seconds", 0.0)) for m in row.get("client_metrics", {}).values()),
+                # configure_train to the end of the round's evaluation: the driver's CPU while the clients train.
+                "driver_cpu_s": driver_cpu("round-start", "eval-end", row["round"]),
             }
             for row in rows
         }
@@ -451,7 +471,7 @@ def _mean_after_first(rounds: dict[int, dict[str, Any]], key: str) -> float | No
 def summarise(res: dict[str, Any], actors: int) -> dict[str, Any]:
     rounds = res.get("rounds", {})
     out = {k: res.get(k) for k in ("status", "startup_s", "peak_rss_gib", "peak_pss_gib", "wall_s")}
-    for key in ("seconds", "eval_seconds", "client_seconds_max", "train_seconds_max", "client_seconds_sum", "train_seconds_sum", "new_nodes"):
+    for key in ("seconds", "eval_seconds", "client_seconds_max", "train_seconds_max", "client_seconds_sum", "train_seconds_sum", "new_nodes", "driver_cpu_s"):
         out[key] = _mean_after_first(rounds, key)
     out["round1_s"] = rounds.get(1, {}).get("seconds")
     if res.get("to_round1_done_s") is not None and out["seconds"] is not None and len(rounds) > 1:
@@ -509,6 +529,7 @@ def report_kind(kind: str, by_n: dict[int, dict[str, Any]], clients: list[int], 
             ("start-up s, with Ray's actors (round 1 end - a round)", of("startup_actors_s"), ""),
             ("round s (mean of rounds >= 2)", of("seconds"), "Flower's own time per round"),
             (f"round / round at N={clients[0]}", of("seconds", over=base), "about 1"),
+            ("  driver process CPU s per round", of("driver_cpu_s"), "SuperLink + ServerApp + simulation loop"),
             ("round 1 s (starts the actors)", of("round1_s"), ""),
             ("peak memory GiB, tree RSS", of("peak_rss_gib"), ""),
             ("peak memory GiB, tree PSS", of("peak_pss_gib"), ""),
@@ -536,6 +557,7 @@ def report_kind(kind: str, by_n: dict[int, dict[str, Any]], clients: list[int], 
             ("  sampled nodes new to the run (set-up)", of("new_nodes"), ""),
             (f"  rest: round - eval - sum / {actors} actor(s)", of("rest_s"), ""),
             ("  Flower alone, round s (trivial work)", of("seconds", flower_round), ""),
+            ("  driver process CPU s in the round", of("driver_cpu_s"), "competes with the actors"),
             ("round 1 s (builds the model in the actors)", of("round1_s"), ""),
             ("peak memory GiB, tree RSS", of("peak_rss_gib"), f"< {MEMORY_GOAL_GIB:g}"),
             (f"  peak RSS / {MEMORY_GOAL_GIB:g} GiB", of("peak_rss_gib", over=MEMORY_GOAL_GIB), "< 1"),

@@ -88,6 +88,11 @@ class Optimizer(Choice):
     ADAMW = "adamw"
 
 
+class Clipping(Choice):
+    FLAT = "flat"
+    PER_GROUP = "per-group"
+
+
 class UserDPMode(Choice):
     OFF = "off"
     SERVER_FIXED = "server-fixed"
@@ -282,10 +287,26 @@ class DPConfig:
         "per-sample gradient clipping norm (below 1e-3, float32 noise and updates lose precision)",
         ge=1e-3,
     )
+    clipping: Clipping = option(  # noqa: RUF009 (option returns a field)
+        "dp.clipping",
+        Clipping.FLAT,
+        "`flat`: one norm over all trained tensors (Opacus' default); `per-group`: the classifier head "
+        "and the adapter clipped separately, to max-grad-norm·√head-share and max-grad-norm·√(1 − head-share), "
+        "so a fresh head's large gradient does not crowd out the adapter's (the total, the noise and ε are unchanged)",
+        note="`per-group` needs a trained head (classification with train-head = true)",
+    )
+    head_share: float = option(
+        "dp.head-share", 0.5, "with dp.clipping = per-group: the head's share of max-grad-norm², the adapter gets the rest", gt=0, le=0.99
+    )
 
     @property
     def enabled(self) -> bool:
         return self.epsilon > 0
+
+    def group_norms(self) -> tuple[float, float]:
+        """(head, adapter) clipping norms of ``per-group`` clipping; their squares add up to max-grad-norm²."""
+        c = self.max_grad_norm
+        return c * self.head_share**0.5, c * (1 - self.head_share) ** 0.5
 
 
 @dataclass(frozen=True)
@@ -828,6 +849,8 @@ def _check_across_keys(run: RunConfig, cfg: Mapping[str, Any]) -> None:
             True,
             "not with DP-SGD (dp.epsilon > 0): Opacus' hooks also see the recomputed forward pass, and its per-sample gradients then differ from autograd's",
         )
+    if run.dp.clipping == "per-group" and (run.task == "causal-lm" or not run.train_head):
+        raise ConfigError("dp.clipping", "per-group", "needs a trained classifier head (task = classification, train-head = true): without one, use flat")
     if run.compute.quantization != "none" and run.dp.enabled:
         raise ConfigError(
             "quantization",

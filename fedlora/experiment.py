@@ -222,9 +222,10 @@ class Experiment:
     def _resume_from(self, folder: RunFolder) -> None:
         """Continue ``folder``'s run from its last complete round."""
         config = folder.read_json("config.json")
-        # As JSON (tuples become lists), without the keys that may differ on a resume.
+        # As JSON (tuples become lists), without the keys that may differ on a resume
+        # (the folder was found from output-dir, which may be given relative to another directory).
         mine, theirs, defaults = (
-            json.loads(json.dumps({k: v for k, v in d.items() if k not in ("resume", "run_name", "tracking")}))
+            json.loads(json.dumps({k: v for k, v in d.items() if k not in ("resume", "run_name", "output_dir", "tracking")}))
             for d in (self.portable(self.run.to_dict()), self.portable(config["resolved"]), parse_run_config({}).to_dict())
         )
         if diff := config_diff(mine, theirs, defaults):
@@ -365,6 +366,9 @@ class Experiment:
         mark of a complete run); return the adapter's path."""
         wire.load_global(self.model, self.final_arrays, self.method.exchange)
         path = self.folder.file("adapter")
+        for peft_config in getattr(self.model, "peft_config", {}).values():
+            # The model as the run config names it (a hub id, or a path as given), not where this machine found it.
+            peft_config.base_model_name_or_path = self.portable(self.run.model)
         self.model.save_pretrained(path)
         if deltas := {k: v.numpy() for k, v in self.final_arrays.items() if wire.is_delta(k)}:
             # FedEx-LoRA / FLoRA: the update merged into the base weights (load with wire.set_base_delta).

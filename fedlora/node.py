@@ -30,7 +30,7 @@ from torch import nn
 from . import data as data_mod
 from . import devices, policy, privacy, training, wire
 from .config import ConfigError, NodeConfig, RunConfig, cache_dir, default_state_dir, parse_node_config, policy_binds
-from .model import build_model, load_tokenizer
+from .model import build_model, is_head, load_tokenizer
 from .node_store import NodeStore, SourceLedger, arrays_digest, private_dir
 
 log = logging.getLogger("fedlora")
@@ -315,7 +315,12 @@ def train_round(
         privacy.reset_per_sample_state(rt.dp_model)
         noise_gen = None if rt.private else round_generator(run.seed, server_round, rt.stream, 1)
         expected = max(1, round(ledger.sample_rate * rt.num_examples))
-        dp_opt = drop_nonfinite_examples(privacy.dp_optimizer(opt, ledger, run.dp.max_grad_norm, expected, noise_gen))
+        groups = None
+        if run.dp.clipping == "per-group":
+            groups = [0 if is_head(name) else 1 for name, p in rt.model.named_parameters() if p.requires_grad]  # the order of rt.trainable()
+        dp_opt = drop_nonfinite_examples(
+            privacy.dp_optimizer(opt, ledger, run.dp.max_grad_norm, expected, noise_gen, groups, run.dp.group_norms() if groups else None)
+        )
         batches = privacy.poisson_batches(rt.num_examples, ledger.sample_rate, cfg.local_steps, sample_gen)
         result = training.train(
             rt.dp_model, rt.train_data, batches, dp_opt, cfg.local_steps, progress, micro_batch_size=cfg.micro_batch_size, precision=rt.precision

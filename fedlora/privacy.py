@@ -11,8 +11,10 @@ DP-SGD with Poisson sampling.
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -178,12 +180,28 @@ def secure_gaussian(shape: tuple[int, ...], std: float) -> torch.Tensor:
     return torch.from_numpy((z.reshape(4, n).sum(0) * (std / 2.0)).astype(np.float32)).reshape(shape)
 
 
-def dp_optimizer(optimizer: torch.optim.Optimizer, ledger: PrivacyLedger, max_grad_norm: float, expected_batch_size: int, generator: torch.Generator | None):
+def dp_optimizer(
+    optimizer: torch.optim.Optimizer,
+    ledger: PrivacyLedger,
+    max_grad_norm: float,
+    expected_batch_size: int,
+    generator: torch.Generator | None,
+    groups: Sequence[int] | None = None,
+    group_norms: Sequence[float] | None = None,
+):
     """Clip each sample's gradient to ``max_grad_norm`` and add Gaussian noise.
 
     A seeded ``generator`` makes research runs reproducible (and predictable:
     experiments only); ``None`` (deployments) draws the noise from the OS's
-    cryptographically secure generator instead."""
+    cryptographically secure generator instead.
+
+    Group-wise clipping: ``groups`` gives each of the optimizer's parameters
+    (in order) a group index, and each sample's gradient restricted to group g
+    is clipped to ``group_norms[g]``. The whole per-sample gradient then has
+    norm <= sqrt(sum of group_norms²), which must equal ``max_grad_norm``: the
+    sensitivity, hence the noise and the accountant, are those of flat clipping
+    at ``max_grad_norm``. Opacus' per-layer clipping is the special case of one
+    group per tensor."""
     from opacus.optimizers import DPOptimizer
     from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
@@ -208,7 +226,34 @@ def dp_optimizer(optimizer: torch.optim.Optimizer, ledger: PrivacyLedger, max_gr
                 p.grad = (p.summed_grad + noise.to(p.summed_grad)).view_as(p)
                 _mark_as_processed(p.summed_grad)
 
+    class GroupClipping(NoiseOnCPU):
+        """NoiseOnCPU with group-wise clipping (see ``dp_optimizer``)."""
+
+        def clip_and_accumulate(self) -> None:
+            samples = [self._get_flat_grad_sample(p) for p in self.params]
+            norms = [g.reshape(len(g), -1).norm(2, dim=-1) for g in samples]
+            factors = []
+            for g, bound in enumerate(group_norms):
+                members = [n for n, k in zip(norms, groups, strict=True) if k == g]
+                if not members:  # a group with no parameter (e.g. nothing of it trained)
+                    factors.append(None)
+                    continue
+                group_norm = torch.stack(members, dim=1).norm(2, dim=1)
+                factors.append((bound / (group_norm + 1e-6)).clamp(max=1.0))
+            for p, grad_sample, g in zip(self.params, samples, groups, strict=True):
+                _check_processed_flag(p.grad_sample)
+                grad_sample = grad_sample.to(p.dtype)
+                grad = torch.einsum("i,i...", factors[g].to(grad_sample), grad_sample)
+                p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
+                _mark_as_processed(p.grad_sample)
+
     cls = NoiseOnCPU
+    if groups is not None:
+        assert group_norms is not None and len(groups) == len([p for g in optimizer.param_groups for p in g["params"]])
+        total = math.sqrt(sum(c * c for c in group_norms))
+        if not math.isclose(total, max_grad_norm, rel_tol=1e-6):
+            raise ValueError(f"group clipping norms {list(group_norms)} add up (in squares) to {total}, not to max_grad_norm {max_grad_norm}")
+        cls = GroupClipping
     return cls(
         optimizer,
         noise_multiplier=ledger.noise_multiplier,

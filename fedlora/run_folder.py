@@ -42,9 +42,11 @@ def config_diff(mine: dict, theirs: dict, defaults: dict, prefix: str = "") -> l
 def portable(obj: Any, data_dir: str) -> Any:
     """``obj`` with absolute paths made machine-independent: under the data
     directory as ``$FEDLORA_DATA_DIR/...``, under the installed packages as
-    ``site-packages/...``. Committed results then mean the same on any machine."""
+    ``site-packages/...``, under the working directory relative to it (the
+    output folder). Committed results then mean the same on any machine."""
     roots = [(os.path.abspath(os.path.expanduser(data_dir)), DATA_DIR_VAR)] if data_dir else []
     roots.append((os.path.abspath(sysconfig.get_paths()["purelib"]), "site-packages"))
+    roots.append((os.getcwd(), "."))
 
     def fix(value: Any) -> Any:
         if isinstance(value, dict):
@@ -55,7 +57,8 @@ def portable(obj: Any, data_dir: str) -> Any:
             for root, name in roots:
                 for prefix in ("", "local:"):  # data sources are written "local:<path>"
                     if value == prefix + root or value.startswith(prefix + root + os.sep):
-                        return prefix + name + value[len(prefix + root) :]
+                        rest = value[len(prefix + root) :]
+                        return prefix + (rest.lstrip(os.sep) or ".") if name == "." else prefix + name + rest
         return value
 
     return fix(obj)

@@ -153,3 +153,24 @@ def test_micro_batch_size_reaches_local_training(run, monkeypatch):
     rt = node.get_runtime(micro, {"partition-id": 0, "num-partitions": 3}, LABELS, train_lora_a=False)
     node.train_round(rt, wire.to_arrays(rt.model), 1, node.plan_ledger(rt))
     assert seen == [4]
+
+
+def test_per_group_clipping_reaches_the_dp_optimizer_with_head_and_adapter_groups(run, monkeypatch):
+    import dataclasses
+
+    from fedlora import privacy
+    from fedlora.config import Clipping
+    from fedlora.model import is_head
+
+    seen = []
+    real = privacy.dp_optimizer
+    monkeypatch.setattr(privacy, "dp_optimizer", lambda *a: seen.append(a) or real(*a))
+    grouped = dataclasses.replace(run, dp=dataclasses.replace(run.dp, clipping=Clipping.PER_GROUP, head_share=0.3))
+    rt = node.get_runtime(grouped, {"partition-id": 0, "num-partitions": 3}, LABELS, train_lora_a=False)
+    node.train_round(rt, wire.to_arrays(rt.model), 1, node.plan_ledger(rt))
+    (args,) = seen
+    optimizer, groups, norms = args[0], args[5], args[6]
+    names = [n for n, p in rt.model.named_parameters() if p.requires_grad]
+    assert groups == [0 if is_head(n) else 1 for n in names] and set(groups) == {0, 1}
+    assert [p for g in optimizer.param_groups for p in g["params"]] == rt.trainable()  # the groups follow the optimizer's order
+    assert norms == grouped.dp.group_norms()

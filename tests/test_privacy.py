@@ -91,6 +91,59 @@ def test_clipping_bounds_each_sample_and_matches_manual_dp_sgd(tiny_model_dir):
     gsm._close()
 
 
+def test_per_group_clipping_bounds_the_head_and_the_adapter_separately(tiny_model_dir):
+    """dp.clipping = per-group: each sample's head gradient is clipped to C·√s and its
+    adapter gradient to C·√(1-s), each by its own factor; the noise is σ·C as with flat
+    clipping (the sensitivity is the same C)."""
+    from fedlora.model import is_head
+
+    model = _model(tiny_model_dir, train_lora_a=False)
+    model.train()
+    enc = _batch(n=6)
+    reference = _autograd_per_sample(model, enc)
+    group = {n: 0 if is_head(n) else 1 for n in reference}
+    assert set(group.values()) == {0, 1}
+
+    def group_norms(g):
+        return torch.sqrt(sum(v.flatten(1).pow(2).sum(1) for n, v in reference.items() if group[n] == g))
+
+    head, adapter = group_norms(0), group_norms(1)
+    # Bounds chosen so that each group has clipped and unclipped samples: the factors differ per group.
+    bounds = (float(head.median()), float(adapter.median()))
+    assert (head > bounds[0]).any() and (head < bounds[0]).any() and (adapter > bounds[1]).any() and (adapter < bounds[1]).any()
+    total = math.hypot(*bounds)
+    factors = [(b / (n + 1e-6)).clamp(max=1.0) for b, n in zip(bounds, (head, adapter))]
+    assert not torch.allclose(factors[0], factors[1])
+
+    gsm = privacy.wrap_model(model)
+    named = {n.removeprefix("_module."): p for n, p in gsm.named_parameters() if p.requires_grad}
+    ledger = privacy.PrivacyLedger(1.0, 1e-5, noise_multiplier=0.0, sample_rate=0.1, planned_steps=1)
+    opt = privacy.dp_optimizer(
+        torch.optim.SGD(list(named.values()), lr=1.0), ledger, total, len(enc), None, groups=[group[n] for n in named], group_norms=bounds
+    )
+    gsm(**enc.batch(list(range(len(enc))))).loss.backward()
+    opt.pre_step()
+    for n, p in named.items():
+        f = factors[group[n]]
+        expected = (reference[n] * f.view(-1, *[1] * (reference[n].dim() - 1))).sum(0) / len(enc)
+        torch.testing.assert_close(p.grad, expected, rtol=1e-4, atol=1e-7, msg=n)
+    assert opt.max_grad_norm == pytest.approx(total)  # the noise's scale: sigma * C, C the total bound
+    with pytest.raises(ValueError, match="add up"):
+        privacy.dp_optimizer(torch.optim.SGD(list(named.values()), lr=1.0), ledger, 2 * total, 1, None, groups=[group[n] for n in named], group_norms=bounds)
+    gsm._close()
+
+
+def test_per_group_norms_split_max_grad_norm_and_need_a_trained_head():
+    """dp.group_norms(): the squares add up to max-grad-norm², the head gets its share; no head, no per-group."""
+    from fedlora.config import parse_run_config as parse
+
+    run = parse({"dp.clipping": "per-group", "dp.head-share": 0.2, "dp.max-grad-norm": 0.5})
+    head, adapter = run.dp.group_norms()
+    assert head**2 + adapter**2 == pytest.approx(0.25) and head**2 == pytest.approx(0.2 * 0.25)
+    with pytest.raises(Exception, match="dp.clipping"):
+        parse({"dp.clipping": "per-group", "train-head": False})
+
+
 def test_noise_is_added_with_the_calibrated_scale(tiny_model_dir):
     model = _model(tiny_model_dir, train_lora_a=False)
     model.train()

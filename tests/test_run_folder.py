@@ -33,6 +33,13 @@ def test_paths_under_the_data_directory_are_recorded_relative_to_it(tmp_path):
     assert portable(portable(obj, data), data) == portable(obj, data)  # idempotent: a resume compares both
 
 
+def test_the_output_folder_under_the_working_directory_is_recorded_relative_to_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    here = os.getcwd()
+    obj = {"output_dir": os.path.join(here, "experiments", "results", "sst2"), "cwd": here, "beside": here + "-other/x"}
+    assert portable(obj, "") == {"output_dir": "experiments/results/sst2", "cwd": ".", "beside": here + "-other/x"}
+
+
 def test_config_diff_ignores_removed_keys_and_defaults_added_ones():
     mine = {"a": 1, "group": {"x": 2, "new": 0}}
     theirs = {"a": 1, "removed": 3, "group": {"x": 2}}

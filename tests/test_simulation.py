@@ -53,6 +53,8 @@ def _reload_accuracy(run_dir):
     run = parse_run_config(cfg["run-config"])
     base = AutoModelForSequenceClassification.from_pretrained(resolve_model(run.model)[0], num_labels=len(cfg["data"]["label-names"]))
     model = PeftModel.from_pretrained(base, os.path.join(run_dir, "adapter"))
+    # The adapter names its base model as the run config did, not by this machine's path to it.
+    assert json.load(open(os.path.join(run_dir, "adapter", "adapter_config.json")))["base_model_name_or_path"] == cfg["run-config"]["model"]
     task = load_task(run.data)
     data = encode(task.eval, load_tokenizer(run.model), task.text_columns, run.data.max_length)
     with torch.no_grad():
