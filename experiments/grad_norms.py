@@ -1,7 +1,7 @@
 """Per-example gradient norms of the classifier head and of the adapter, at the
 shared initial model (why docs/RESULTS.md's DP recipe clips them per group).
 
-    python experiments/grad_norms.py [--data-dir ../shared/data] [--examples 64] [--strategy ffa-lora]
+    python experiments/grad_norms.py [--data-dir ../shared/data] [--examples 64] [--strategy ffa-lora] [--pooling mean]
 
 Each example alone, plain autograd (no Opacus), on SST-2's validation split
 (or the built-in synthetic task if no sst2/ is found), with the main grids'
@@ -28,6 +28,7 @@ def main() -> None:
     p.add_argument("--data-dir", default=os.environ.get("FEDLORA_DATA_DIR", "../shared/data"))
     p.add_argument("--examples", type=int, default=64)
     p.add_argument("--strategy", default="ffa-lora")
+    p.add_argument("--pooling", default="model", choices=["model", "mean"])
     args = p.parse_args()
     run = parse_run_config(
         {
@@ -36,6 +37,7 @@ def main() -> None:
             "lora.target-modules": "query,value",
             "max-length": 32,
             "strategy": args.strategy,
+            "pooling": args.pooling,
             "seed": 0,
         }
     )
@@ -51,7 +53,7 @@ def main() -> None:
         head.append(sum(float(p.grad.pow(2).sum()) for n, p in params if is_head(n)) ** 0.5)
         adapter.append(sum(float(p.grad.pow(2).sum()) for n, p in params if not is_head(n) and p.grad is not None) ** 0.5)
     share = [a * a / (a * a + h * h) for h, a in zip(head, adapter)]
-    print(f"{task.source}: {len(head)} examples, {args.strategy}, at the initial model (B = 0, seeded head)")
+    print(f"{task.source}: {len(head)} examples, {args.strategy}, pooling {args.pooling}, at the initial model (B = 0, seeded head)")
     print(f"head gradient norm     median {statistics.median(head):.3f}  (min {min(head):.3f}, max {max(head):.3f})")
     print(f"adapter gradient norm  median {statistics.median(adapter):.4f}  (min {min(adapter):.4f}, max {max(adapter):.4f})")
     print(f"adapter's share of the squared norm: median {statistics.median(share):.4f}")

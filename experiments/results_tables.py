@@ -70,6 +70,38 @@ def sweep() -> None:
     print(f"\n{len(runs)} runs complete, {partial} incomplete; {_wall('sst2-sweep')}.\n")
 
 
+def _run_minutes(name: str) -> dict[str, float]:
+    """Each run's wall time (minutes, summed over its subprocess runs) from a grid's log."""
+    path = os.path.join(ROOT, name, "grid-log.jsonl")
+    out: dict[str, float] = defaultdict(float)
+    if os.path.exists(path):
+        for row in map(json.loads, open(path)):
+            out[row["run"]] += row["wall_seconds"] / 60
+    return out
+
+
+def _clipping(r: Run) -> str:
+    c = r.config.get("dp.clipping", "flat")
+    return f"{c}, C = {r.config.get('dp.max-grad-norm', 1.0):g}" + (f", head share {r.config.get('dp.head-share', 0.5):g}" if c == "per-group" else "")
+
+
+def recipe() -> None:
+    runs, partial = _complete("sst2-recipe")
+    minutes = _run_minutes("sst2-recipe")
+    print("### DP recipe sweep: large Poisson batches, clipping, learning rate (SST-2, IID, seed 0)\n")
+    print("| ε | strategy | clipping | learning rate | rounds × steps × batch | accuracy by round (0 = initial) | final | ε spent | minutes |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in sorted(runs, key=lambda r: (-r.config.get("dp.epsilon", 3.0), r.config["strategy"], _clipping(r), r.config["learning-rate"])):
+        c = r.config
+        curve = " → ".join(f"{x['accuracy']:.3f}" for x in r.rows)
+        shape = f"{c['num-server-rounds']} × {c['local-steps']} × {c['batch-size']}"
+        print(
+            f"| {_eps(c.get('dp.epsilon', 3.0))} | {c['strategy']} | {_clipping(r) if c.get('dp.epsilon', 3.0) else '–'} | {c['learning-rate']:g} | {shape} | "
+            f"{curve} | **{r.final['accuracy']:.4f}** | {r.final['epsilon']:.3f} | {minutes.get(os.path.basename(r.path), 0):.1f} |"
+        )
+    print(f"\n{len(runs)} runs complete, {partial} incomplete; {_wall('sst2-recipe')}.\n")
+
+
 def main_grid() -> None:
     runs, partial = _complete("sst2")
     reference, ref_partial = _complete("sst2-nonprivate")  # the non-private row: its own grid and rates
@@ -224,6 +256,7 @@ def lost_replies() -> None:
 
 if __name__ == "__main__":
     targets = [float(a) for a in sys.argv[1:]] or [0.65, 0.70]
+    recipe()
     sweep()
     main_grid()
     for target in targets:

@@ -88,6 +88,11 @@ class Optimizer(Choice):
     ADAMW = "adamw"
 
 
+class Pooling(Choice):
+    MODEL = "model"
+    MEAN = "mean"
+
+
 class Clipping(Choice):
     FLAT = "flat"
     PER_GROUP = "per-group"
@@ -645,6 +650,14 @@ class RunConfig:
         True,
         "whether the classifier head trains and is aggregated (if false it stays at its seeded init)",
     )
+    pooling: Pooling = option(  # noqa: RUF009 (option returns a field)
+        "pooling",
+        Pooling.MODEL,
+        "what the classifier head reads: `model` (the architecture's own: BERT's pooler on [CLS]) or `mean` "
+        "(the mean of the last hidden states over the real tokens, the pooling sentence-transformers models "
+        "such as all-MiniLM-L6-v2 were trained with)",
+        note="`mean` needs a BERT-style encoder with a pooler (classification)",
+    )
     output_dir: str = option("output-dir", "outputs", "where runs go", nonempty=True)
     run_name: str = option(
         "run-name",
@@ -849,6 +862,8 @@ def _check_across_keys(run: RunConfig, cfg: Mapping[str, Any]) -> None:
             True,
             "not with DP-SGD (dp.epsilon > 0): Opacus' hooks also see the recomputed forward pass, and its per-sample gradients then differ from autograd's",
         )
+    if run.pooling == "mean" and run.task == "causal-lm":
+        raise ConfigError("pooling", "mean", "is for classification (task = classification)")
     if run.dp.clipping == "per-group" and (run.task == "causal-lm" or not run.train_head):
         raise ConfigError("dp.clipping", "per-group", "needs a trained classifier head (task = classification, train-head = true): without one, use flat")
     if run.compute.quantization != "none" and run.dp.enabled:

@@ -277,6 +277,40 @@ def load_base(model: str, task: str, num_labels: int = 2, **kwargs) -> nn.Module
     return base
 
 
+class MeanPooler(nn.Module):
+    """Stands in for a BERT-style pooler: the mean of the last hidden states over the
+    real tokens (padding excluded), as sentence-transformers models pool. The encoder
+    calls its pooler with the hidden states only, so a pre-hook on the encoder hands
+    the attention mask over (``use_mean_pooling``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mask: torch.Tensor | None = None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.mask is None:
+            return hidden_states.mean(dim=1)
+        weights = self.mask.to(hidden_states.dtype).unsqueeze(-1)
+        return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
+def use_mean_pooling(base: nn.Module, model_name: str) -> None:
+    """Replace ``base``'s pooler (BERT and its kin: ``<encoder>.pooler``) by ``MeanPooler``."""
+    encoder = getattr(base, getattr(base, "base_model_prefix", ""), None)
+    if encoder is None or not isinstance(getattr(encoder, "pooler", None), nn.Module):
+        raise ConfigError("pooling", "mean", f"{model_name} has no BERT-style pooler to replace: use pooling = model")
+    pooler = MeanPooler()
+    encoder.pooler = pooler
+
+    def hand_over_mask(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask")
+        if mask is None and len(args) > 1:
+            mask = args[1]
+        pooler.mask = mask
+
+    encoder.register_forward_pre_hook(hand_over_mask, with_kwargs=True)
+
+
 def build_model(run: RunConfig, num_labels: int, train_lora_a: bool, device: torch.device | None = None) -> nn.Module:
     """The PEFT model every node starts from, with the method's trainable set,
     on ``device`` (default: the CPU).
@@ -288,6 +322,8 @@ def build_model(run: RunConfig, num_labels: int, train_lora_a: bool, device: tor
     from . import devices
 
     base = load_base(run.model, run.task, num_labels, **devices.quantization_kwargs(run.compute, device))
+    if run.pooling == "mean":
+        use_mean_pooling(base, run.model)
     targets = target_modules(run, base)
     conv1d = _validate_targets(base, targets)
     max_positions = getattr(base.config, "max_position_embeddings", None) or getattr(base.config, "n_positions", None)

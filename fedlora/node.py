@@ -132,7 +132,22 @@ _MAX_NODES_PER_PROCESS = 64
 
 
 def _model_key(run: RunConfig, label_names: tuple[str, ...], train_lora_a: bool, device: torch.device) -> str:
-    blob = repr((run.model, run.task, run.strategy, run.lora, run.seed, run.train_head, run.dp.enabled, run.compute, str(device), label_names, train_lora_a))
+    blob = repr(
+        (
+            run.model,
+            run.task,
+            run.pooling,
+            run.strategy,
+            run.lora,
+            run.seed,
+            run.train_head,
+            run.dp.enabled,
+            run.compute,
+            str(device),
+            label_names,
+            train_lora_a,
+        )
+    )
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -124,6 +124,12 @@ def run_settings(config: dict[str, Any], config_path: str, data_dir: str | None,
     labels = list((config.get("data") or {}).get("label-names") or [])
     if task == "classification" and len(labels) < 2:
         raise MergeError(f"{config_path} records no label names (data.label-names): cannot size the classifier head")
+    if resolved.get("pooling", "model") != "model":
+        # transformers would read the merged checkpoint with the architecture's own pooler, not the run's.
+        raise MergeError(
+            f"{config_path}: the run used pooling = {resolved['pooling']!r}, which a transformers checkpoint cannot "
+            "record; load the adapter with fedlora.model.build_model (same run config) and PeftModel instead"
+        )
     return {"task": task, "model": model, "labels": labels, "strategy": resolved.get("strategy", "")}
 
 
