@@ -30,7 +30,9 @@ def _batch(lengths, width=10, seed=0):
     mask = torch.zeros(len(lengths), width, dtype=torch.long)
     for i, n in enumerate(lengths):
         mask[i, :n] = 1
-    return Encoded({"input_ids": ids * mask, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids), "labels": torch.tensor([i % 2 for i in range(len(lengths))])})
+    return Encoded(
+        {"input_ids": ids * mask, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids), "labels": torch.tensor([i % 2 for i in range(len(lengths))])}
+    )
 
 
 def test_the_pooled_vector_is_the_masked_mean_and_padding_changes_nothing(tiny_model_dir):
