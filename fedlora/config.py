@@ -88,6 +88,11 @@ class Optimizer(Choice):
     ADAMW = "adamw"
 
 
+class LRSchedule(Choice):
+    CONSTANT = "constant"
+    COSINE = "cosine"
+
+
 class Pooling(Choice):
     MODEL = "model"
     MEAN = "mean"
@@ -462,6 +467,11 @@ class TrainConfig:
     )
     optimizer: Optimizer = option("optimizer", Optimizer.SGD, "`sgd` or `adamw`")  # noqa: RUF009
     learning_rate: float = option("learning-rate", 4.0, "learning rate (tune it per method)", gt=0)
+    lr_schedule: LRSchedule = option(  # noqa: RUF009 (option returns a field)
+        "lr-schedule",
+        LRSchedule.CONSTANT,
+        "`constant`, or `cosine`: round r of R trains at learning-rate·(1 + cos(π(r − 1)/R))/2 (late rounds average out DP noise instead of adding it)",
+    )
     eval_batch_size: int = option("eval-batch-size", 64, "evaluation batch size", ge=1)
     local_eval_fraction: float = option(
         "local-eval-fraction",

@@ -310,7 +310,7 @@ def train_round(
     ex = exchange or wire.Exchange.of(rt.model)
     wire.load_down(rt.model, wire.decode(arrays), ex, rt.run.seed, personal)
     cfg, run = rt.run.train, rt.run
-    opt = training.make_optimizer(rt.trainable(), cfg)
+    opt = training.make_optimizer(rt.trainable(), cfg, training.round_learning_rate(cfg, server_round, run.num_server_rounds))
     # Simulation (research) runs are reproducible from (seed, round, partition);
     # a node with its own data samples batches from OS entropy, since subsampling
     # amplification assumes the sampler's randomness is secret.

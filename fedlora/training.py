@@ -29,11 +29,18 @@ class TrainResult:
     examples: int = 0  # examples forwarded (the sum of the batch sizes; under DP, Poisson's: private, not for release)
 
 
-def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    params = list(params)
+def round_learning_rate(cfg: TrainConfig, server_round: int, total_rounds: int) -> float:
+    """The learning rate of round ``server_round`` (1-based) of ``total_rounds``: never above ``learning-rate``."""
+    if cfg.lr_schedule == "cosine":
+        return cfg.learning_rate * 0.5 * (1.0 + math.cos(math.pi * (min(server_round, total_rounds) - 1) / max(1, total_rounds)))
+    return cfg.learning_rate
+
+
+def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig, lr: float | None = None) -> torch.optim.Optimizer:
+    params, lr = list(params), cfg.learning_rate if lr is None else lr
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.learning_rate)
-    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+        return torch.optim.SGD(params, lr=lr)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
 
 def shuffled_batches(num_examples: int, batch_size: int, steps: int, generator: torch.Generator) -> Iterator[list[int]]:

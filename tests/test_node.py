@@ -174,3 +174,24 @@ def test_per_group_clipping_reaches_the_dp_optimizer_with_head_and_adapter_group
     assert groups == [0 if is_head(n) else 1 for n in names] and set(groups) == {0, 1}
     assert [p for g in optimizer.param_groups for p in g["params"]] == rt.trainable()  # the groups follow the optimizer's order
     assert norms == grouped.dp.group_norms()
+
+
+def test_a_cosine_schedule_sets_each_rounds_learning_rate(run, monkeypatch):
+    import dataclasses
+    import math
+
+    from fedlora import training
+    from fedlora.config import LRSchedule
+
+    cosine = dataclasses.replace(run, train=dataclasses.replace(run.train, lr_schedule=LRSchedule.COSINE, learning_rate=0.4))
+    total = cosine.num_server_rounds
+    expected = [0.2 * (1 + math.cos(math.pi * (r - 1) / total)) for r in range(1, total + 1)]
+    assert [training.round_learning_rate(cosine.train, r, total) for r in range(1, total + 1)] == pytest.approx(expected)
+    assert expected[0] == pytest.approx(0.4) and all(a > b for a, b in zip(expected, expected[1:]))
+    assert training.round_learning_rate(run.train, 3, total) == run.train.learning_rate  # constant: the configured rate
+    seen = []
+    real = training.make_optimizer
+    monkeypatch.setattr(training, "make_optimizer", lambda *a: seen.append(a[2]) or real(*a))
+    rt = node.get_runtime(cosine, {"partition-id": 0, "num-partitions": 3}, LABELS, train_lora_a=False)
+    node.train_round(rt, wire.to_arrays(rt.model), 2, node.plan_ledger(rt))
+    assert seen == [pytest.approx(expected[1])]
