@@ -53,10 +53,16 @@ def main() -> None:
         head.append(sum(float(p.grad.pow(2).sum()) for n, p in params if is_head(n)) ** 0.5)
         adapter.append(sum(float(p.grad.pow(2).sum()) for n, p in params if not is_head(n) and p.grad is not None) ** 0.5)
     share = [a * a / (a * a + h * h) for h, a in zip(head, adapter)]
+    model.eval()
+    with torch.no_grad():  # how much what the head reads varies from sentence to sentence
+        batch = data.batch(list(range(min(args.examples, len(data)))))
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        margin = logits[:, 1] - logits[:, 0]
     print(f"{task.source}: {len(head)} examples, {args.strategy}, pooling {args.pooling}, at the initial model (B = 0, seeded head)")
     print(f"head gradient norm     median {statistics.median(head):.3f}  (min {min(head):.3f}, max {max(head):.3f})")
     print(f"adapter gradient norm  median {statistics.median(adapter):.4f}  (min {min(adapter):.4f}, max {max(adapter):.4f})")
     print(f"adapter's share of the squared norm: median {statistics.median(share):.4f}")
+    print(f"logit margin across sentences: std {float(margin.std()):.4f}, |mean| {abs(float(margin.mean())):.4f}")
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def test_constraints_pin_the_versions_the_committed_results_were_measured_with()
         assert pins.get(package) == version, package
 
 
-def test_committed_results_record_the_data_relative_to_the_data_directory():
+def test_committed_results_record_the_data_and_output_relative_to_their_directories():
     import json
 
     for path in glob.glob(os.path.join(ROOT, "experiments", "results", "**", "config.json"), recursive=True):
@@ -70,5 +70,7 @@ def test_committed_results_record_the_data_relative_to_the_data_directory():
             config["resolved"]["data"]["data_dir"],
             config["data"]["source"],
             config["model"]["path"],
+            config["run-config"]["output-dir"],
+            config["resolved"]["output_dir"],
         ]
         assert not any(v.startswith("/") or v.startswith("local:/") for v in values), (path, values)
