@@ -102,6 +102,46 @@ def recipe() -> None:
     print(f"\n{len(runs)} runs complete, {partial} incomplete; {_wall('sst2-recipe')}.\n")
 
 
+DP_STRATEGIES = ("lora", "ffa-lora", "fedsvd")
+
+
+def dp_grid() -> None:
+    """experiments/sst2-dp.toml: the comparison with the DP recipe, and what is still missing."""
+    from fedlora.tools import compare
+
+    name = "sst2-dp"
+    runs, partial = _complete(name)
+    minutes = _run_minutes(name)
+    groups = _by(runs, "partition.method", "dp.epsilon", "strategy")
+    for split in ("iid", "dirichlet"):
+        label = "IID" if split == "iid" else "Dirichlet(0.5) label skew"
+        print(f"### With the DP recipe: SST-2, 3 clients, {label}; final accuracy, mean ± std over seeds\n")
+        print("| ε | LoRA | FFA-LoRA | FedSVD |\n|---|---|---|---|")
+        for eps in (0.0, 3.0, 1.0):
+            cells = [_fmt([r.final["accuracy"] for r in groups.get((split, eps, s), [])]) for s in DP_STRATEGIES]
+            print(f"| {_eps(eps)} | " + " | ".join(cells) + " |")
+        print()
+    if runs:
+        print("Accuracy by round (seed 0):\n")
+        print("| split | ε | strategy | accuracy by round (0 = initial) | ε spent | minutes |\n|---|---|---|---|---|---|")
+        for r in sorted(
+            (r for r in runs if r.config.get("seed") == 0), key=lambda r: (r.config["partition.method"], -r.config["dp.epsilon"] or 9, r.config["strategy"])
+        ):
+            curve = " → ".join(f"{x['accuracy']:.3f}" for x in r.rows)
+            c = r.config
+            print(
+                f"| {c['partition.method']} | {_eps(c['dp.epsilon'])} | {c['strategy']} | {curve} | {r.final['epsilon']:.3f} | {minutes.get(os.path.basename(r.path), 0):.1f} |"
+            )
+        print()
+    grid = compare.load_grid(os.path.join(os.path.dirname(ROOT), f"{name}.toml"))
+    done = {os.path.basename(r.path) for r in runs}
+    missing = [spec.name for spec in compare.expand(grid) if spec.name not in done]
+    print(f"{len(runs)} of {len(runs) + len(missing)} runs complete ({partial} started, not complete); {_wall(name)}.")
+    if missing:
+        print(f"Not yet run: {len(missing)} runs, the first being {missing[0]} (`fedlora compare experiments/{name}.toml` continues the grid).")
+    print()
+
+
 def main_grid() -> None:
     runs, partial = _complete("sst2")
     reference, ref_partial = _complete("sst2-nonprivate")  # the non-private row: its own grid and rates
@@ -257,6 +297,7 @@ def lost_replies() -> None:
 if __name__ == "__main__":
     targets = [float(a) for a in sys.argv[1:]] or [0.65, 0.70]
     recipe()
+    dp_grid()
     sweep()
     main_grid()
     for target in targets:
