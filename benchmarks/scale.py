@@ -81,10 +81,10 @@ class Events:
 def _run_flower(server_app, client_app, num_nodes: int, app_config: dict[str, Any], cpus_per_client: int) -> None:
     """Flower's simulation exactly as ``fedlora.simulation.simulate`` runs it, for the trivial app."""
     sys.path.insert(0, ROOT)
-    from fedlora.simulation import _write_pyproject, run_apps
+    from fedlora.simulation import run_apps, write_pyproject
 
     with tempfile.TemporaryDirectory(prefix="scale-app-") as app_dir:
-        _write_pyproject(app_dir, "scale-trivial", ("scale:server", "scale:client"), app_config)
+        write_pyproject(app_dir, "scale-trivial", ("scale:server", "scale:client"), app_config)
         run_apps(server_app, client_app, num_nodes, app_dir, cpus_per_client, fab_id="fedlora/scale-trivial")
 
 

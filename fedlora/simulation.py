@@ -33,7 +33,8 @@ def _toml_value(v: Any) -> str:
     return json.dumps(str(v))  # a JSON string is a valid TOML basic string
 
 
-def _write_pyproject(directory: str, name: str, components: tuple[str, str], config: dict[str, Any]) -> None:
+def write_pyproject(directory: str, name: str, components: tuple[str, str], config: dict[str, Any]) -> None:
+    """An app directory's pyproject.toml: Flower reads the components and the run config from it."""
     lines = [
         "[project]",
         f'name = "{name}"',
@@ -54,7 +55,7 @@ def _write_pyproject(directory: str, name: str, components: tuple[str, str], con
 def write_app_dir(overrides: dict[str, Any], directory: str) -> dict[str, Any]:
     config = {**DEFAULTS, **overrides}
     parse_run_config(config)  # fail here, with the key named, not inside Ray
-    _write_pyproject(directory, "fedlora-sim", ("fedlora.server_app:app", "fedlora.client_app:app"), config)
+    write_pyproject(directory, "fedlora-sim", ("fedlora.server_app:app", "fedlora.client_app:app"), config)
     return config
 
 
