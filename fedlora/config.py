@@ -94,6 +94,7 @@ class LRSchedule(Choice):
 
 
 class Pooling(Choice):
+    AUTO = "auto"
     MODEL = "model"
     MEAN = "mean"
 
@@ -662,10 +663,11 @@ class RunConfig:
     )
     pooling: Pooling = option(  # noqa: RUF009 (option returns a field)
         "pooling",
-        Pooling.MODEL,
-        "what the classifier head reads: `model` (the architecture's own: BERT's pooler on [CLS]) or `mean` "
+        Pooling.AUTO,
+        "what the classifier head reads: `model` (the architecture's own: BERT's pooler on [CLS]), `mean` "
         "(the mean of the last hidden states over the real tokens, the pooling sentence-transformers models "
-        "such as all-MiniLM-L6-v2 were trained with)",
+        "such as all-MiniLM-L6-v2 were trained with), or `auto`: `mean` where the checkpoint declares it "
+        "(a sentence-transformers `1_Pooling/config.json` with mean pooling, on a BERT-style encoder), else `model`",
         note="`mean` needs a BERT-style encoder with a pooler (classification)",
     )
     output_dir: str = option("output-dir", "outputs", "where runs go", nonempty=True)

@@ -10,6 +10,7 @@ hold exactly the run's A (checked by ``wire.fingerprint``).
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import math
 import os
@@ -294,10 +295,60 @@ class MeanPooler(nn.Module):
         return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
 
+def declared_pooling(model_name: str) -> str | None:
+    """The pooling a sentence-transformers checkpoint declares in its
+    ``1_Pooling/config.json`` ("mean", "cls", "max", ...), or None where it declares
+    none (a plain transformers checkpoint, a GGUF file, a hub it cannot reach)."""
+    path, gguf = resolve_model(model_name)
+    if gguf:
+        return None
+    file = os.path.join(path, "1_Pooling", "config.json")
+    if not os.path.isdir(path):  # a hub id
+        try:
+            from huggingface_hub import hf_hub_download
+
+            file = hf_hub_download(path, "1_Pooling/config.json")
+        except Exception:  # no such file, or no hub: the checkpoint declares nothing we can read
+            return None
+    try:
+        with open(file, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return None
+    modes = [k.removeprefix("pooling_mode_") for k, v in cfg.items() if k.startswith("pooling_mode_") and v is True]
+    return {"mean_tokens": "mean", "cls_token": "cls", "max_tokens": "max"}.get(modes[0], modes[0]) if len(modes) == 1 else None
+
+
+def _bert_pooler_parent(base: nn.Module) -> nn.Module | None:
+    """The encoder whose ``pooler`` mean pooling replaces (BERT and its kin), or None."""
+    encoder = getattr(base, getattr(base, "base_model_prefix", ""), None)
+    return encoder if encoder is not None and isinstance(getattr(encoder, "pooler", None), nn.Module) else None
+
+
+def resolve_pooling(pooling: str, task: str, model_name: str, base: nn.Module) -> str:
+    """``pooling`` with ``auto`` decided: ``mean`` for a classifier whose checkpoint
+    declares mean pooling and has a BERT-style pooler to replace, else ``model``."""
+    if pooling != "auto":
+        return pooling
+    if task == "classification" and _bert_pooler_parent(base) is not None and declared_pooling(model_name) == "mean":
+        return "mean"
+    return "model"
+
+
+def apply_pooling(base: nn.Module, run: RunConfig) -> str:
+    """Give ``base`` the run's pooling (``auto`` decided) and return it. Loading a
+    saved adapter outside fedlora needs the same: the base, then this, then
+    ``PeftModel.from_pretrained``."""
+    pooling = resolve_pooling(run.pooling, run.task, run.model, base)
+    if pooling == "mean":
+        use_mean_pooling(base, run.model)
+    return pooling
+
+
 def use_mean_pooling(base: nn.Module, model_name: str) -> None:
     """Replace ``base``'s pooler (BERT and its kin: ``<encoder>.pooler``) by ``MeanPooler``."""
-    encoder = getattr(base, getattr(base, "base_model_prefix", ""), None)
-    if encoder is None or not isinstance(getattr(encoder, "pooler", None), nn.Module):
+    encoder = _bert_pooler_parent(base)
+    if encoder is None:
         raise ConfigError("pooling", "mean", f"{model_name} has no BERT-style pooler to replace: use pooling = model")
     pooler = MeanPooler()
     encoder.pooler = pooler
@@ -322,8 +373,9 @@ def build_model(run: RunConfig, num_labels: int, train_lora_a: bool, device: tor
     from . import devices
 
     base = load_base(run.model, run.task, num_labels, **devices.quantization_kwargs(run.compute, device))
-    if run.pooling == "mean":
-        use_mean_pooling(base, run.model)
+    pooling = apply_pooling(base, run)
+    if run.pooling == "auto" and run.task == "classification":
+        log.info("pooling = auto: %s (%s)", pooling, "the checkpoint's own" if pooling == "mean" else "the architecture's pooler")
     targets = target_modules(run, base)
     conv1d = _validate_targets(base, targets)
     max_positions = getattr(base.config, "max_position_embeddings", None) or getattr(base.config, "n_positions", None)

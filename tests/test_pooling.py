@@ -98,3 +98,54 @@ def test_merge_refuses_a_mean_pooled_run(tmp_path):
         run_settings(config, os.path.join(tmp_path, "config.json"), None, "")
     config["resolved"]["pooling"] = "model"
     assert run_settings(json.loads(json.dumps(config)), "config.json", None, "")["model"] == "m"
+
+
+# -- pooling = auto (the default): the pooling the checkpoint declares ------------------
+
+
+def _declaring(src: str, dest, mode: str | None):
+    """A copy of the model folder ``src`` that declares sentence-transformers pooling ``mode`` (None: none)."""
+    import shutil
+
+    shutil.copytree(src, dest)
+    if mode:
+        os.makedirs(dest / "1_Pooling")
+        flags = {f"pooling_mode_{m}": m == mode for m in ("cls_token", "mean_tokens", "max_tokens")}
+        (dest / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32, **flags}))
+    return str(dest)
+
+
+def test_declared_pooling_reads_the_sentence_transformers_file(tiny_model_dir, tmp_path):
+    from fedlora.model import declared_pooling, packaged_model_path
+
+    assert declared_pooling(_declaring(tiny_model_dir, tmp_path / "mean", "mean_tokens")) == "mean"
+    assert declared_pooling(_declaring(tiny_model_dir, tmp_path / "cls", "cls_token")) == "cls"
+    assert declared_pooling(tiny_model_dir) is None
+    assert declared_pooling(packaged_model_path()) == "mean"  # all-MiniLM-L6-v2, the default model
+
+
+def test_auto_pooling_follows_the_checkpoint(tiny_model_dir, tiny_gpt2_dir, tmp_path):
+    def pooler(model_dir, **extra):
+        run = parse_run_config({"model": model_dir, **extra})
+        assert run.pooling == "auto"  # the default
+        return build_model(run, num_labels=2, train_lora_a=False).base_model.model.bert.pooler
+
+    assert isinstance(pooler(_declaring(tiny_model_dir, tmp_path / "mean", "mean_tokens")), MeanPooler)
+    assert not isinstance(pooler(_declaring(tiny_model_dir, tmp_path / "cls", "cls_token")), MeanPooler)
+    assert not isinstance(pooler(tiny_model_dir), MeanPooler)
+    # Where mean pooling cannot apply, auto reads the architecture's own pooling instead of refusing.
+    build_model(parse_run_config({"model": tiny_gpt2_dir, "task": "causal-lm"}), num_labels=2, train_lora_a=False)
+
+
+def test_merge_refuses_an_auto_run_whose_checkpoint_pools_by_mean(tiny_model_dir, tmp_path):
+    from fedlora.tools.merge import ADAPTER, MergeError, merge
+
+    model_dir = _declaring(tiny_model_dir, tmp_path / "mean", "mean_tokens")
+    run_dir = tmp_path / "run"
+    os.makedirs(run_dir / ADAPTER)
+    (run_dir / ADAPTER / "adapter_config.json").write_text("{}")
+    config = {"resolved": {"task": "classification", "model": model_dir, "pooling": "auto"}, "data": {"label-names": ["a", "b"]}}
+    (run_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MergeError, match="declares mean pooling"):
+        merge(str(run_dir), str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")  # refused before anything was written

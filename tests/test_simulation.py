@@ -46,12 +46,13 @@ def _reload_accuracy(run_dir):
 
     from fedlora.config import parse_run_config
     from fedlora.data import encode, load_task
-    from fedlora.model import load_tokenizer, resolve_model
+    from fedlora.model import apply_pooling, load_tokenizer, resolve_model
     from fedlora.training import evaluate
 
     cfg = json.load(open(os.path.join(run_dir, "config.json")))
     run = parse_run_config(cfg["run-config"])
     base = AutoModelForSequenceClassification.from_pretrained(resolve_model(run.model)[0], num_labels=len(cfg["data"]["label-names"]))
+    assert apply_pooling(base, run) == "mean"  # the default model declares mean pooling (pooling = auto)
     model = PeftModel.from_pretrained(base, os.path.join(run_dir, "adapter"))
     # The adapter names its base model as the run config did, not by this machine's path to it.
     assert json.load(open(os.path.join(run_dir, "adapter", "adapter_config.json")))["base_model_name_or_path"] == cfg["run-config"]["model"]

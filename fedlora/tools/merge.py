@@ -124,13 +124,19 @@ def run_settings(config: dict[str, Any], config_path: str, data_dir: str | None,
     labels = list((config.get("data") or {}).get("label-names") or [])
     if task == "classification" and len(labels) < 2:
         raise MergeError(f"{config_path} records no label names (data.label-names): cannot size the classifier head")
-    if resolved.get("pooling", "model") != "model":
-        # transformers would read the merged checkpoint with the architecture's own pooler, not the run's.
-        raise MergeError(
-            f"{config_path}: the run used pooling = {resolved['pooling']!r}, which a transformers checkpoint cannot "
-            "record; load the adapter with fedlora.model.build_model (same run config) and PeftModel instead"
-        )
-    return {"task": task, "model": model, "labels": labels, "strategy": resolved.get("strategy", "")}
+    pooling = resolved.get("pooling", "model")  # a run that predates `pooling` read the architecture's pooler
+    if pooling == "mean":
+        _refuse_pooling(config_path, "pooling = 'mean'")
+    return {"task": task, "model": model, "labels": labels, "strategy": resolved.get("strategy", ""), "pooling": pooling}
+
+
+def _refuse_pooling(config_path: str, what: str) -> None:
+    # transformers would read the merged checkpoint with the architecture's own pooler, not the run's.
+    raise MergeError(
+        f"{config_path}: the run's classifier read the mean of the hidden states ({what}), which a transformers "
+        "checkpoint cannot record; load the adapter with fedlora.model.build_model (same run config) and PeftModel "
+        "instead, or train with pooling = 'model' to get a mergeable classifier"
+    )
 
 
 # -- the output folder ---------------------------------------------------------------
@@ -217,12 +223,14 @@ def merge(run_dir: str, out_dir: str, *, dtype: str = "float32", force: bool = F
     import peft
     import torch
 
-    from ..model import load_base, load_tokenizer
+    from ..model import load_base, load_tokenizer, resolve_pooling
 
     task, labels = settings["task"], settings["labels"]
     tokenizer = load_tokenizer(settings["model"])
     # Upcast after loading (exact for a bfloat16/float16 checkpoint): the merge runs in float32.
     base = load_base(settings["model"], task, max(len(labels), 2)).float()
+    if resolve_pooling(settings["pooling"], task, settings["model"], base) == "mean":
+        _refuse_pooling(config_path, f"pooling = 'auto' on {settings['model']}, which declares mean pooling")
     adapter = os.path.join(run_dir, ADAPTER)
     try:
         model = peft.PeftModel.from_pretrained(base, adapter, is_trainable=False)
