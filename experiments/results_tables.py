@@ -123,16 +123,7 @@ def dp_grid() -> None:
         print()
     if runs:
         print("Accuracy by round (seed 0):\n")
-        print("| split | ε | strategy | accuracy by round (0 = initial) | ε spent | minutes |\n|---|---|---|---|---|---|")
-        for r in sorted(
-            (r for r in runs if r.config.get("seed") == 0), key=lambda r: (r.config["partition.method"], -r.config["dp.epsilon"] or 9, r.config["strategy"])
-        ):
-            curve = " → ".join(f"{x['accuracy']:.3f}" for x in r.rows)
-            c = r.config
-            print(
-                f"| {c['partition.method']} | {_eps(c['dp.epsilon'])} | {c['strategy']} | {curve} | {r.final['epsilon']:.3f} | {minutes.get(os.path.basename(r.path), 0):.1f} |"
-            )
-        print()
+        _by_round([r for r in runs if r.config.get("seed") == 0], minutes)
     grid = compare.load_grid(os.path.join(os.path.dirname(ROOT), f"{name}.toml"))
     done = {os.path.basename(r.path) for r in runs}
     missing = [spec.name for spec in compare.expand(grid) if spec.name not in done]
@@ -140,6 +131,29 @@ def dp_grid() -> None:
     if missing:
         print(f"Not yet run: {len(missing)} runs, the first being {missing[0]} (`fedlora compare experiments/{name}.toml` continues the grid).")
     print()
+
+
+def _by_round(runs: list[Run], minutes: dict[str, float]) -> None:
+    print("| split | ε | strategy | learning rate | rounds × steps × batch | accuracy by round (0 = initial) | ε spent | minutes |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in sorted(runs, key=lambda r: (r.config["partition.method"], -r.config["dp.epsilon"] or 9, r.config["strategy"])):
+        c = r.config
+        curve = " → ".join(f"{x['accuracy']:.3f}" for x in r.rows)
+        shape = f"{c['num-server-rounds']} × {c['local-steps']} × {c['batch-size']}"
+        print(
+            f"| {c['partition.method']} | {_eps(c['dp.epsilon'])} | {c['strategy']} | {c['learning-rate']:g} | {shape} | {curve} | "
+            f"{r.final['epsilon']:.3f} | {minutes.get(os.path.basename(r.path), 0):.1f} |"
+        )
+    print()
+
+
+def dp_rates() -> None:
+    """experiments/sst2-dp-rates.toml: the first recipe runs at one rate for every method, superseded."""
+    name = "sst2-dp-rates"
+    runs, partial = _complete(name)
+    print("### The recipe at one learning rate for all (AdamW 0.02; superseded by sst2-dp.toml's rate per method)\n")
+    _by_round(runs, _run_minutes(name))
+    print(f"{len(runs)} runs complete, {partial} incomplete; {_wall(name)}.\n")
 
 
 def main_grid() -> None:
@@ -298,6 +312,7 @@ if __name__ == "__main__":
     targets = [float(a) for a in sys.argv[1:]] or [0.65, 0.70]
     recipe()
     dp_grid()
+    dp_rates()
     sweep()
     main_grid()
     for target in targets:

@@ -369,7 +369,8 @@ class Experiment:
         for peft_config in getattr(self.model, "peft_config", {}).values():
             # The model as the run config names it (a hub id, or a path as given), not where this machine found it.
             peft_config.base_model_name_or_path = self.portable(self.run.model)
-        self.model.save_pretrained(path)
+        # Adapters never target embeddings; PEFT's "auto" check would look the base model up on the hub.
+        self.model.save_pretrained(path, save_embedding_layers=False)
         if deltas := {k: v.numpy() for k, v in self.final_arrays.items() if wire.is_delta(k)}:
             # FedEx-LoRA / FLoRA: the update merged into the base weights (load with wire.set_base_delta).
             np.savez(os.path.join(path, "base_delta.npz"), **deltas)
