@@ -290,13 +290,16 @@ class DPConfig:
 
     title: ClassVar[str] = "Sample-level DP"
 
-    epsilon: float = option("dp.epsilon", 3.0, "per-client sample-level budget; 0 = non-private (no Opacus)", ge=0)
+    epsilon: float = option("dp.epsilon", 3.0, "per-client sample-level budget; 0 = non-private (no noise, no accountant)", ge=0)
     delta: float = option("dp.delta", 1e-5, "per-client sample-level delta", gt=0, le=0.1)
     max_grad_norm: float = option(
         "dp.max-grad-norm",
         1.0,
-        "per-sample gradient clipping norm (below 1e-3, float32 noise and updates lose precision)",
-        ge=1e-3,
+        "per-sample gradient clipping norm (below 1e-3, float32 noise and updates lose precision); without DP "
+        "(dp.epsilon = 0) each sample's gradient is still clipped, with no noise, so the non-private run is DP-SGD minus "
+        "the noise and a learning rate chosen for DP-SGD stays in range; 0 = plain training, nothing clipped (only without DP)",
+        ge=0,
+        note="at least 1e-3 with DP (dp.epsilon > 0); 0 also allows gradient-checkpointing and quantization without DP",
     )
     clipping: Clipping = option(  # noqa: RUF009 (option returns a field)
         "dp.clipping",
@@ -313,6 +316,11 @@ class DPConfig:
     @property
     def enabled(self) -> bool:
         return self.epsilon > 0
+
+    @property
+    def per_sample(self) -> bool:
+        """Whether training clips per-sample gradients (Opacus): always with DP, and without DP unless max-grad-norm = 0."""
+        return self.enabled or self.max_grad_norm > 0
 
     def group_norms(self) -> tuple[float, float]:
         """(head, adapter) clipping norms of ``per-group`` clipping; their squares add up to max-grad-norm²."""
@@ -507,15 +515,16 @@ class ComputeConfig:
     gradient_checkpointing: bool = option(
         "gradient-checkpointing",
         False,
-        "recompute activations in the backward pass (less memory, more compute); refused with DP-SGD (Opacus' per-sample gradients are wrong with it)",
-        note="not with `dp.epsilon` > 0",
+        "recompute activations in the backward pass (less memory, more compute); refused with per-sample clipping, "
+        "DP-SGD's or the non-private runs' (Opacus' per-sample gradients are wrong with it)",
+        note="not with `dp.epsilon` > 0; without DP, only with `dp.max-grad-norm` = 0",
     )
     quantization: Quantization = option(  # noqa: RUF009 (option returns a field)
         "quantization",
         Quantization.NONE,
         "`none`, or a bitsandbytes `4bit` / `8bit` frozen base (CUDA only, the `quantization` extra); refused with "
-        "DP-SGD (per-sample gradients through it are not verified)",
-        note="not with `dp.epsilon` > 0; CUDA only",
+        "per-sample clipping, DP-SGD's or the non-private runs' (per-sample gradients through it are not verified)",
+        note="not with `dp.epsilon` > 0; without DP, only with `dp.max-grad-norm` = 0; CUDA only",
     )
 
 
@@ -868,21 +877,27 @@ def _check_across_keys(run: RunConfig, cfg: Mapping[str, Any]) -> None:
         raise ConfigError("lora.client-ranks", _get(cfg, "lora.client-ranks").strip(), f"each rank must be in 1..lora.r ({run.lora.r})")
     if run.fraction_evaluate > 0 and run.train.local_eval_fraction == 0:
         raise ConfigError("local-eval-fraction", 0.0, "must be > 0 when fraction-evaluate > 0 (clients need a local split)")
-    if run.compute.gradient_checkpointing and run.dp.enabled:
+    if run.dp.enabled and run.dp.max_grad_norm < 1e-3:
+        raise ConfigError(
+            "dp.max-grad-norm", run.dp.max_grad_norm, "must be >= 0.001 with DP-SGD (dp.epsilon > 0): float32 noise and updates lose precision below"
+        )
+    if run.compute.gradient_checkpointing and run.dp.per_sample:
         raise ConfigError(
             "gradient-checkpointing",
             True,
-            "not with DP-SGD (dp.epsilon > 0): Opacus' hooks also see the recomputed forward pass, and its per-sample gradients then differ from autograd's",
+            "not with DP-SGD or per-sample clipping (dp.epsilon > 0, or dp.max-grad-norm > 0 without DP: set it to 0 for plain training): "
+            "Opacus' hooks also see the recomputed forward pass, and its per-sample gradients then differ from autograd's",
         )
     if run.pooling == "mean" and run.task == "causal-lm":
         raise ConfigError("pooling", "mean", "is for classification (task = classification)")
     if run.dp.clipping == "per-group" and (run.task == "causal-lm" or not run.train_head):
         raise ConfigError("dp.clipping", "per-group", "needs a trained classifier head (task = classification, train-head = true): without one, use flat")
-    if run.compute.quantization != "none" and run.dp.enabled:
+    if run.compute.quantization != "none" and run.dp.per_sample:
         raise ConfigError(
             "quantization",
             run.compute.quantization,
-            "not with DP-SGD (dp.epsilon > 0): per-sample gradients through a quantised base are not verified against autograd",
+            "not with DP-SGD or per-sample clipping (dp.epsilon > 0, or dp.max-grad-norm > 0 without DP: set it to 0 for plain training): "
+            "per-sample gradients through a quantised base are not verified against autograd",
         )
 
 

@@ -141,7 +141,7 @@ def _model_key(run: RunConfig, label_names: tuple[str, ...], train_lora_a: bool,
             run.lora,
             run.seed,
             run.train_head,
-            run.dp.enabled,
+            run.dp.per_sample,
             run.compute,
             str(device),
             label_names,
@@ -235,7 +235,7 @@ def get_runtime(run: RunConfig, node_config: dict, label_names: tuple[str, ...],
         model = build_model(run, num_labels=len(label_names), train_lora_a=train_lora_a, device=device)
         if run.compute.precision == "bf16":
             devices.keep_trainable_fp32(model)
-        _MODELS[mkey] = (model, privacy.wrap_model(model) if run.dp.enabled else None)
+        _MODELS[mkey] = (model, privacy.wrap_model(model) if run.dp.per_sample else None)
     model, dp_model = _MODELS[mkey]
     if (elapsed := time.perf_counter() - start) > 0.5:
         log.info("node %s ready in %.1fs on %s: %d train examples", stream, elapsed, device, len(train_enc))
@@ -324,18 +324,22 @@ def train_round(
     def progress(step: int, total: int, loss: float) -> None:
         log.info("%sstep %d/%d loss %.4f", progress_prefix, step, total, loss)
 
-    if run.dp.enabled:
-        assert ledger is not None and rt.dp_model is not None
-        ledger.check(cfg.local_steps)
+    def clipping(opt: torch.optim.Optimizer, expected: int, noise_gen: torch.Generator | None) -> torch.optim.Optimizer:
+        """Per-sample clipping (flat or per group), with the ledger's noise under DP."""
+        assert rt.dp_model is not None
         privacy.reset_per_sample_state(rt.dp_model)
-        noise_gen = None if rt.private else round_generator(run.seed, server_round, rt.stream, 1)
-        expected = max(1, round(ledger.sample_rate * rt.num_examples))
         groups = None
         if run.dp.clipping == "per-group":
             groups = [0 if is_head(name) else 1 for name, p in rt.model.named_parameters() if p.requires_grad]  # the order of rt.trainable()
-        dp_opt = drop_nonfinite_examples(
+        return drop_nonfinite_examples(
             privacy.dp_optimizer(opt, ledger, run.dp.max_grad_norm, expected, noise_gen, groups, run.dp.group_norms() if groups else None)
         )
+
+    if run.dp.enabled:
+        assert ledger is not None
+        ledger.check(cfg.local_steps)
+        noise_gen = None if rt.private else round_generator(run.seed, server_round, rt.stream, 1)
+        dp_opt = clipping(opt, max(1, round(ledger.sample_rate * rt.num_examples)), noise_gen)
         batches = privacy.poisson_batches(rt.num_examples, ledger.sample_rate, cfg.local_steps, sample_gen)
         result = training.train(
             rt.dp_model, rt.train_data, batches, dp_opt, cfg.local_steps, progress, micro_batch_size=cfg.micro_batch_size, precision=rt.precision
@@ -344,8 +348,15 @@ def train_round(
         ledger.record(cfg.local_steps)
         epsilon = ledger.epsilon()
     else:
+        # Without DP: fixed-size shuffled batches, each sample's gradient clipped
+        # (no noise) unless dp.max-grad-norm = 0, then plain steps.
         batches = training.shuffled_batches(rt.num_examples, cfg.batch_size, cfg.local_steps, sample_gen or _entropy_generator())
-        result = training.train(rt.model, rt.train_data, batches, opt, cfg.local_steps, progress, micro_batch_size=cfg.micro_batch_size, precision=rt.precision)
+        ledger = None
+        if run.dp.per_sample:
+            model, opt = rt.dp_model, clipping(opt, min(cfg.batch_size, rt.num_examples), None)
+        else:
+            model = rt.model
+        result = training.train(model, rt.train_data, batches, opt, cfg.local_steps, progress, micro_batch_size=cfg.micro_batch_size, precision=rt.precision)
         epsilon = 0.0
     payload = wire.to_arrays(rt.model, wire.up_names(rt.model, ex))
     if not all(np.isfinite(payload[k].numpy()).all() for k in payload.keys()):

@@ -235,8 +235,11 @@ class UpdateBound:
     lr c_t at step t (``adamw_step_bound``), so ||update|| <= lr sqrt(d) sum_{t<=T} c_t,
     which does not depend on the gradients, the noise or any claim.
 
-    **Plain SGD without DP** has no such bound (the gradients are not clipped):
-    ``limit`` returns None and screening stays with the medians.
+    **Plain SGD without DP** still clips each sample's gradient to C =
+    ``dp.max-grad-norm`` and averages over the fixed batch (DP-SGD minus the
+    noise), so a step moves by at most lr C and ||update|| <= lr T C; with
+    ``dp.max-grad-norm = 0`` nothing is clipped and there is no bound: ``limit``
+    returns None and screening stays with the medians.
 
     What a lying node gains: little from its noise report (at most 10% more
     noise term) and nothing from its step count (not read). Its claimed example
@@ -257,27 +260,31 @@ class UpdateBound:
     batch_size: int
     dp: DPConfig | None = None  # sample-level DP-SGD; None: the nodes train without it
     planned_steps: int = 0  # the steps each node's noise is calibrated for: rounds x local-steps
+    clip: float = 0.0  # without DP: the per-sample clipping norm (0 = not clipped)
 
     @classmethod
     def from_run(cls, run: RunConfig) -> UpdateBound:
         t = run.train
         dp = run.dp if run.dp.enabled else None
-        return cls(str(t.optimizer), t.learning_rate, t.local_steps, t.batch_size, dp, run.num_server_rounds * t.local_steps)
+        clip = 0.0 if dp else run.dp.max_grad_norm
+        return cls(str(t.optimizer), t.learning_rate, t.local_steps, t.batch_size, dp, run.num_server_rounds * t.local_steps, clip)
 
     @property
     def bounded(self) -> bool:
-        """Whether honest updates have a bound (not: plain SGD without DP)."""
-        return self.optimizer == "adamw" or self.dp is not None
+        """Whether honest updates have a bound (not: plain SGD without DP or clipping)."""
+        return self.optimizer == "adamw" or self.dp is not None or self.clip > 0
 
     def exact(self, values: int, num_examples: int, noise_multiplier: float | None = None) -> tuple[float, str] | None:
         """(bound, how it was derived) on the norm of an honest update of ``values``
-        values, computed exactly; None when there is none (plain SGD without DP)."""
+        values, computed exactly; None when there is none (plain SGD without DP or clipping)."""
         lr, steps = self.learning_rate, self.local_steps
         if self.optimizer == "adamw":
             per_coordinate = sum(adamw_step_bound(t) for t in range(1, steps + 1))
             return MARGIN * lr * per_coordinate * math.sqrt(values), f"AdamW: lr {lr:g}, {steps} steps, {values} values"
         if self.dp is None:
-            return None
+            if self.clip <= 0:
+                return None
+            return MARGIN * lr * steps * self.clip, f"SGD: lr {lr:g}, {steps} steps, each sample's gradient clipped to {self.clip:g}, no noise"
         n = int(num_examples)
         sigma = planned_noise(self.dp, n, self.batch_size, self.planned_steps)
         reported = float(noise_multiplier) if isinstance(noise_multiplier, (int, float)) and math.isfinite(noise_multiplier) else 0.0

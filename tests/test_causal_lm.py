@@ -188,7 +188,8 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_is_refused_under_dp
     enc, _ = _encoded(_run(decoder_dir, dataset=qa_dir), n=4)
     grads = []
     for checkpointing in (False, True):
-        model = build_model(_run(decoder_dir, dataset=qa_dir, **{"gradient-checkpointing": checkpointing, "dp.epsilon": 0.0}), 0, train_lora_a=True)
+        plain = {"gradient-checkpointing": checkpointing, "dp.epsilon": 0.0, "dp.max-grad-norm": 0.0}
+        model = build_model(_run(decoder_dir, dataset=qa_dir, **plain), 0, train_lora_a=True)
         _randomise_b(model)
         model.train()
         training.forward_loss(model, enc.batch(list(range(len(enc))))).backward()
@@ -201,6 +202,10 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_is_refused_under_dp
     with pytest.raises(ConfigError) as e:
         _run(decoder_dir, **{"gradient-checkpointing": True})
     assert e.value.key == "gradient-checkpointing" and "DP-SGD" in str(e.value)
+    # So is per-sample clipping without DP; plain training (dp.max-grad-norm = 0) is not.
+    with pytest.raises(ConfigError) as e:
+        _run(decoder_dir, **{"gradient-checkpointing": True, "dp.epsilon": 0.0})
+    assert e.value.key == "gradient-checkpointing" and "dp.max-grad-norm" in str(e.value)
 
 
 # -- evaluation: exact match of greedy generations ------------------------------------------
@@ -277,7 +282,10 @@ def test_quantisation_needs_cuda_and_is_refused_under_dp():
     with pytest.raises(ConfigError) as e:
         parse_run_config({"quantization": "4bit"})  # dp.epsilon defaults to 3
     assert e.value.key == "quantization" and "DP-SGD" in str(e.value)
-    run = parse_run_config({"quantization": "8bit", "dp.epsilon": 0})
+    with pytest.raises(ConfigError) as e:
+        parse_run_config({"quantization": "8bit", "dp.epsilon": 0})  # per-sample clipping without DP
+    assert e.value.key == "quantization" and "set it to 0" in str(e.value)
+    run = parse_run_config({"quantization": "8bit", "dp.epsilon": 0, "dp.max-grad-norm": 0})
     with pytest.raises(ConfigError, match="CUDA"):
         devices.quantization_kwargs(run.compute, torch.device("cpu"))
     assert devices.quantization_kwargs(parse_run_config({}).compute, torch.device("cpu")) == {}

@@ -63,6 +63,7 @@ def test_defaults_parse():
         ("dp.delta", 0.0, "> 0"),
         ("dp.max-grad-norm", 0, ">= 0.001"),
         ("dp.max-grad-norm", 1e-6, ">= 0.001"),
+        ("dp.max-grad-norm", -1.0, ">= 0"),
         ("aggregation.max-weight-share", 0, "> 0"),
         ("aggregation.max-weight-share", 1.5, "<= 1"),
         ("partition.method", "random", "must be one of"),
@@ -101,6 +102,8 @@ def test_bad_values_name_key_and_value(key, value, fragment):
 
 def test_epsilon_zero_is_non_private():
     assert not parse_run_config({"dp.epsilon": 0}).dp.enabled
+    # Without DP, dp.max-grad-norm clips the mean gradient; 0 = not clipped (refused with DP above).
+    assert parse_run_config({"dp.epsilon": 0, "dp.max-grad-norm": 0}).dp.max_grad_norm == 0
 
 
 def test_missing_target_module_fails_at_model_build(tiny_model_dir):

@@ -220,7 +220,33 @@ def test_the_adamw_step_bound_is_reached_by_torch():
         assert abs(float(p) - before) == pytest.approx(validation.adamw_step_bound(t), rel=1e-5)
 
 
-def test_plain_sgd_without_dp_has_no_bound_round_one_stays_unscreened():
+def test_plain_sgd_without_dp_is_bounded_by_its_mean_gradient_clip():
+    clipped = validation.UpdateBound("sgd", LR, STEPS, BATCH, None, 2 * STEPS, clip=CLIP)
+    bound, how = clipped.exact(D * R, N)
+    assert bound == pytest.approx(validation.MARGIN * LR * STEPS * CLIP) and "clipped to 1, no noise" in how
+    shape, direction = (D, R), np.ones((D, R), np.float32) / np.sqrt(D * R)
+    edge = (LR * STEPS * CLIP * direction).astype(np.float32)  # every sample's clipped gradient aligned, every step
+    _, stats = _send(_bounded(clipped, shape), GLOBAL, {1: (GLOBAL + edge, {"num-examples": N})})
+    assert stats.replies == 1 and not stats.failures
+    _, stats = _send(_bounded(clipped, shape), GLOBAL, {1: (GLOBAL + 1.5 * edge, {"num-examples": N})})
+    assert stats.replies == 0 and "clipped to 1, no noise" in stats.failures[0]
+
+
+def test_an_honest_clipped_sgd_update_without_dp_passes_round_one_alone(tiny_model_dir, task_dir, tmp_path):
+    # Without DP the bound is lr T C whatever the gradients were: a small honest
+    # update x100 may be within it, so the hostile reply here is twice the bound.
+    make, answer, s, state, update = _real_round(tiny_model_dir, task_dir, tmp_path, "lora", "sgd", 0.0, "float32")
+    norm = np.sqrt(sum(float(np.sum(u.astype(np.float64) ** 2)) for u in update.values()))
+    assert 0 < norm <= LR * STEPS * 1.0  # dp.max-grad-norm's default, 1
+    s.aggregate_train(1, [answer(s, 1)])
+    assert s.rounds[1].replies == 1 and not s.rounds[1].failures, s.rounds[1].failures
+    hostile = make()
+    (msg,) = hostile.configure_train(1, state, ConfigRecord(), Grid([1]))
+    hostile.aggregate_train(1, [answer(hostile, 2 * validation.MARGIN * LR * STEPS / norm, request=msg)])
+    assert hostile.rounds[1].replies == 0 and "clipped to 1, no noise" in hostile.rounds[1].failures[0]
+
+
+def test_plain_sgd_without_dp_or_clipping_has_no_bound_round_one_stays_unscreened():
     shape = (D, R)
     assert _bound(epsilon=0.0).limit(D * R, N) is None
     _, stats = _send(_bounded(_bound(epsilon=0.0), shape), GLOBAL, {1: (np.full(shape, 1e3, np.float32), {"num-examples": N})})

@@ -1,5 +1,6 @@
 """A client node without Flower: its data, its caches, its privacy budget."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -195,3 +196,28 @@ def test_a_cosine_schedule_sets_each_rounds_learning_rate(run, monkeypatch):
     rt = node.get_runtime(cosine, {"partition-id": 0, "num-partitions": 3}, LABELS, train_lora_a=False)
     node.train_round(rt, wire.to_arrays(rt.model), 2, node.plan_ledger(rt))
     assert seen == [pytest.approx(expected[1])]
+
+
+@pytest.mark.parametrize("clip", [0.0, 1e-3])
+def test_without_dp_each_sample_is_clipped_without_noise_unless_max_grad_norm_is_0(run, monkeypatch, clip):
+    import dataclasses
+
+    from fedlora import privacy
+
+    seen = []
+    real = privacy.dp_optimizer
+    monkeypatch.setattr(privacy, "dp_optimizer", lambda *a: seen.append(a) or real(*a))
+    plain = dataclasses.replace(run, dp=dataclasses.replace(run.dp, epsilon=0.0, max_grad_norm=clip))
+    plain = dataclasses.replace(plain, train=dataclasses.replace(plain.train, optimizer="sgd", learning_rate=1.0))
+    rt = node.get_runtime(plain, {"partition-id": 0, "num-partitions": 3}, LABELS, train_lora_a=False)
+    start = wire.to_arrays(rt.model)
+    arrays, metrics = node.train_round(rt, start, 1, None)
+    update = np.sqrt(sum(float(np.sum((arrays[k].numpy() - start[k].numpy()) ** 2)) for k in arrays.keys()))
+    assert metrics["epsilon"] == 0.0 and update > 0
+    if clip:
+        ((_, ledger, max_grad_norm, expected, generator, *_),) = seen
+        assert ledger is None and generator is None and max_grad_norm == clip and expected == plain.train.batch_size  # no noise
+        # Each step moves by at most lr x clip: the mean of gradients clipped to 1e-3.
+        assert update <= plain.train.local_steps * clip * (1 + 1e-4)
+    else:
+        assert seen == [] and update > 2 * plain.train.local_steps * 1e-3  # plain steps move past what clipping at 1e-3 allows

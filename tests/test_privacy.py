@@ -67,7 +67,8 @@ def test_per_sample_gradients_equal_autograd(tiny_model_dir, train_lora_a):
     gsm._close()
 
 
-def test_clipping_bounds_each_sample_and_matches_manual_dp_sgd(tiny_model_dir):
+@pytest.mark.parametrize("zero_noise", ["ledger", "none"], ids=["ledger-with-noise-0", "no-ledger"])
+def test_clipping_bounds_each_sample_and_matches_manual_dp_sgd(tiny_model_dir, zero_noise):
     model = _model(tiny_model_dir, train_lora_a=True)
     model.train()
     enc = _batch(n=5)
@@ -80,7 +81,8 @@ def test_clipping_bounds_each_sample_and_matches_manual_dp_sgd(tiny_model_dir):
 
     gsm = privacy.wrap_model(model)
     params = [p for p in gsm.parameters() if p.requires_grad]
-    ledger = privacy.PrivacyLedger(1.0, 1e-5, noise_multiplier=0.0, sample_rate=0.1, planned_steps=1)
+    # No ledger: clipping only, as training without DP does (node.train_round).
+    ledger = privacy.PrivacyLedger(1.0, 1e-5, noise_multiplier=0.0, sample_rate=0.1, planned_steps=1) if zero_noise == "ledger" else None
     opt = privacy.dp_optimizer(torch.optim.SGD(params, lr=1.0), ledger, clip, expected_batch_size=len(enc), generator=None)
     gsm(**enc.batch(list(range(len(enc))))).loss.backward()
     opt.pre_step()  # clip, accumulate, (zero) noise, scale
@@ -185,6 +187,25 @@ def test_ledger_epsilon_matches_independent_accounting_and_budget_holds():
         ledger.check(5)
     restored = privacy.PrivacyLedger.from_json(ledger.to_json())
     assert restored.epsilon() == eps and restored.steps_spent == 60
+
+
+@pytest.mark.parametrize(
+    "history",
+    [
+        [(1.09375, 512 / 6689, 24)],
+        [(0.58, 64 / 22449, 40)],
+        [(0.8, 16 / 67, 2), (0.8, 16 / 67, 4)],  # a small node: large sampling rate
+        [(1.2, 0.01, 30), (2.5, 0.5, 3), (1.2, 0.01, 7)],  # mixed mechanisms
+    ],
+)
+def test_epsilon_is_opacus_rdp_accountants_to_the_bit(history):
+    # epsilon_of reuses each (noise, rate)'s per-step RDP; it must stay Opacus' figure exactly.
+    from opacus.accountants import RDPAccountant
+
+    acc = RDPAccountant()
+    acc.history = list(history)
+    for _ in range(2):  # computed, then from the per-step cache
+        assert privacy.epsilon_of(history, 1e-5) == acc.get_epsilon(delta=1e-5, alphas=privacy.ALPHAS)
 
 
 def test_prv_accountant_agrees_epsilon_is_an_upper_bound():
