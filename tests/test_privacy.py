@@ -208,6 +208,26 @@ def test_epsilon_is_opacus_rdp_accountants_to_the_bit(history):
         assert privacy.epsilon_of(history, 1e-5) == acc.get_epsilon(delta=1e-5, alphas=privacy.ALPHAS)
 
 
+@pytest.mark.parametrize(("epsilon", "sample_rate", "steps"), [(3.0, 16 / 67, 6), (3.0, 512 / 22449, 24), (1.0, 64 / 800, 60), (0.5, 16 / 30, 6)])
+def test_noise_calibration_is_opacus_get_noise_multiplier_to_the_bit(epsilon, sample_rate, steps):
+    # The search decides most comparisons from an upper bound; its result must stay Opacus'.
+    from opacus.accountants.utils import get_noise_multiplier
+
+    dp = DPConfig(epsilon=epsilon, delta=1e-5, max_grad_norm=1.0)
+    ours = privacy.calibrate_noise(dp, sample_rate, steps)
+    theirs = get_noise_multiplier(
+        target_epsilon=epsilon,
+        target_delta=1e-5,
+        sample_rate=sample_rate,
+        steps=steps,
+        accountant="rdp",
+        epsilon_tolerance=privacy.EPSILON_TOLERANCE,
+        alphas=privacy.ALPHAS,
+    )
+    assert ours == theirs
+    assert epsilon - privacy.EPSILON_TOLERANCE <= privacy.epsilon_of([(ours, sample_rate, steps)], 1e-5) <= epsilon
+
+
 def test_prv_accountant_agrees_epsilon_is_an_upper_bound():
     # A tighter accountant must never report more than what we claim.
     from opacus.accountants import PRVAccountant
