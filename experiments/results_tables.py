@@ -156,6 +156,16 @@ def dp_rates() -> None:
     print(f"{len(runs)} runs complete, {partial} incomplete; {_wall(name)}.\n")
 
 
+def dp_rounds() -> None:
+    """experiments/sst2-dp-rounds.toml: the recipe with 10 rounds instead of 6 (FFA-LoRA, epsilon 3)."""
+    name = "sst2-dp-rounds"
+    runs, partial = _complete(name)
+    print("### The recipe with 10 rounds instead of 6 (FFA-LoRA, ε = 3, seed 0)\n")
+    if runs:
+        _by_round(runs, _run_minutes(name))
+    print(f"{len(runs)} runs complete, {partial} incomplete; {_wall(name)}.\n")
+
+
 def main_grid() -> None:
     runs, partial = _complete("sst2")
     reference, ref_partial = _complete("sst2-nonprivate")  # the non-private row: its own grid and rates
@@ -194,29 +204,49 @@ def communication(target: float) -> None:
     print()
 
 
-def alpha() -> None:
-    runs, partial = _complete("sst2-alpha")
-    # alpha = 16 is the main grid's cell with the same settings (sst2-alpha.toml says why).
-    main = [
+def _seed0_iid_eps3(name: str) -> list[Run]:
+    """A grid's seed-0, IID, epsilon-3 runs at alpha 16: the alpha grids' alpha = 16 cells."""
+    return [
         r
-        for r in _complete("sst2")[0]
+        for r in _complete(name)[0]
         if r.config.get("seed") == 0 and r.config.get("partition.method") == "iid" and r.config.get("dp.epsilon") == 3.0 and r.config.get("lora.alpha") == 16
     ]
-    runs = runs + main
+
+
+def _alpha_table(title: str, name: str, reference: list[Run], strategies: tuple[str, ...]) -> None:
+    runs, partial = _complete(name)
+    runs = runs + [r for r in reference if r.config["strategy"] in strategies]
     groups = _by(runs, "strategy", "lora.alpha")
     alphas = sorted({r.config["lora.alpha"] for r in runs})
-    print("### Sensitivity to LoRA alpha (SST-2, IID, ε = 3)\n")
+    print(f"### {title}\n")
     if not alphas:
         print(f"No run complete yet ({partial} incomplete).\n")
         return
     print("| strategy | " + " | ".join(f"α={a:g}" for a in alphas) + " | spread (max − min) |")
     print("|---|" + "---|" * (len(alphas) + 1))
-    for s in STRATEGIES:
-        accs = [mean_std([r.final["accuracy"] for r in groups[(s, a)]])[0] if groups.get((s, a)) else None for a in alphas]
-        cells = [f"{x:.4f}" if x is not None else "–" for x in accs]
-        got = [x for x in accs if x is not None]
-        print(f"| {s} | " + " | ".join(cells) + f" | {max(got) - min(got):.4f} |" if got else f"| {s} | " + " | ".join(cells) + " | – |")
-    print(f"\n{len(runs)} runs complete, {partial} incomplete; {_wall('sst2-alpha')}.\n")
+    for s in strategies:
+        cells, got = [], []
+        for a in alphas:
+            rs = groups.get((s, a))
+            if not rs:
+                cells.append("–")
+                continue
+            got.append(mean_std([r.final["accuracy"] for r in rs])[0])
+            rates = sorted({r.config["learning-rate"] for r in rs})
+            cells.append(f"{got[-1]:.4f}" + (f" (rate {', '.join(f'{x:g}' for x in rates)})" if name != "sst2-alpha" else ""))
+        print(f"| {s} | " + " | ".join(cells) + (f" | {max(got) - min(got):.4f} |" if got else " | – |"))
+    print(f"\n{len(runs)} runs complete, {partial} incomplete; {_wall(name)}.\n")
+
+
+def alpha() -> None:
+    # alpha = 16 is the main grid's cell with the same settings (sst2-alpha.toml says why).
+    _alpha_table("Sensitivity to LoRA alpha (SST-2, IID, ε = 3)", "sst2-alpha", _seed0_iid_eps3("sst2"), STRATEGIES)
+
+
+def dp_alpha() -> None:
+    # alpha = 16 is sst2-dp.toml's cell with the same settings (sst2-dp-alpha.toml says why).
+    title = "Sensitivity to LoRA alpha with the DP recipe, rate × alpha held (SST-2, IID, ε = 3, seed 0)"
+    _alpha_table(title, "sst2-dp-alpha", _seed0_iid_eps3("sst2-dp"), STRATEGIES)
 
 
 def rte() -> None:
@@ -313,11 +343,13 @@ if __name__ == "__main__":
     recipe()
     dp_grid()
     dp_rates()
+    dp_rounds()
     sweep()
     main_grid()
     for target in targets:
         communication(target)
     alpha()
+    dp_alpha()
     rte()
     methods()
     smollm2()
