@@ -7,13 +7,7 @@ from fedlora import client_app, node, node_errors, wire
 from fedlora.config import parse_run_config
 from fedlora.model import build_model
 
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+pytestmark = pytest.mark.usefixtures("server_task_identity")  # Flower messages outside a SuperLink
 
 
 @pytest.fixture

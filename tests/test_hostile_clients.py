@@ -10,25 +10,14 @@ from fedlora import validation
 from fedlora.config import DPConfig
 from fedlora.strategies import FfaLoraStrategy
 
+from conftest import FakeGrid
+
 D, R = 6, 2
 KB = "layer.lora_B.default.weight"
 GLOBAL = np.zeros((D, R), np.float32)
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
-
-
-class Grid:
-    def __init__(self, nodes):
-        self.nodes = list(nodes)
-
-    def get_node_ids(self):
-        return self.nodes
+pytestmark = pytest.mark.usefixtures("server_task_identity")
 
 
 def _strategy(**kw):
@@ -38,7 +27,7 @@ def _strategy(**kw):
 
 def _round(strategy, server_round, nodes, replies):
     """Send round ``server_round`` to ``nodes``; ``replies``: node -> (value of B, metrics)."""
-    msgs = {m.metadata.dst_node_id: m for m in strategy.configure_train(server_round, ArrayRecord({KB: Array(GLOBAL)}), ConfigRecord(), Grid(nodes))}
+    msgs = {m.metadata.dst_node_id: m for m in strategy.configure_train(server_round, ArrayRecord({KB: Array(GLOBAL)}), ConfigRecord(), FakeGrid(nodes))}
     answers = [
         Message(RecordDict({"arrays": ArrayRecord({KB: Array(np.full((D, R), v, np.float32))}), "metrics": MetricRecord(m)}), reply_to=msgs[n])
         for n, (v, m) in replies.items()
@@ -116,7 +105,9 @@ def _bounded(bound, shape, **kw):
 
 def _send(strategy, start, replies, server_round=1):
     """Round ``server_round`` from ``start`` (B); ``replies``: node -> (B it sends, metrics)."""
-    msgs = {m.metadata.dst_node_id: m for m in strategy.configure_train(server_round, ArrayRecord({KB: Array(start)}), ConfigRecord(), Grid(sorted(replies)))}
+    msgs = {
+        m.metadata.dst_node_id: m for m in strategy.configure_train(server_round, ArrayRecord({KB: Array(start)}), ConfigRecord(), FakeGrid(sorted(replies)))
+    }
     answers = [Message(RecordDict({"arrays": ArrayRecord({KB: Array(b)}), "metrics": MetricRecord(m)}), reply_to=msgs[n]) for n, (b, m) in replies.items()]
     arrays, _ = strategy.aggregate_train(server_round, answers)
     return arrays, strategy.rounds[server_round]
@@ -241,7 +232,7 @@ def test_an_honest_clipped_sgd_update_without_dp_passes_round_one_alone(tiny_mod
     s.aggregate_train(1, [answer(s, 1)])
     assert s.rounds[1].replies == 1 and not s.rounds[1].failures, s.rounds[1].failures
     hostile = make()
-    (msg,) = hostile.configure_train(1, state, ConfigRecord(), Grid([1]))
+    (msg,) = hostile.configure_train(1, state, ConfigRecord(), FakeGrid([1]))
     hostile.aggregate_train(1, [answer(hostile, 2 * validation.MARGIN * LR * STEPS / norm, request=msg)])
     assert hostile.rounds[1].replies == 0 and "clipped to 1, no noise" in hostile.rounds[1].failures[0]
 
@@ -304,7 +295,7 @@ def _real_round(tiny_model_dir, task_dir, tmp_path, strategy, optimizer, epsilon
 
     rt = node.get_runtime(run, {"partition-id": 0, "num-partitions": 3}, LABELS, method.train_lora_a, method.mixed_ranks)
     s = strategy_()
-    (msg,) = s.configure_train(1, state, ConfigRecord(), Grid([1]))
+    (msg,) = s.configure_train(1, state, ConfigRecord(), FakeGrid([1]))
     ledger = node.plan_ledger(rt) if epsilon > 0 else None
     payload, metrics = node.train_round(rt, msg.content["arrays"], 1, ledger, exchange=ex)
     if ledger is not None:
@@ -342,7 +333,7 @@ def test_an_honest_trained_update_passes_round_one_alone_and_x100_does_not(tiny_
     s.aggregate_train(1, [answer(s, 1)])
     assert s.rounds[1].replies == 1 and not s.rounds[1].failures, s.rounds[1].failures
     hostile = make()
-    (msg,) = hostile.configure_train(1, state, ConfigRecord(), Grid([1]))
+    (msg,) = hostile.configure_train(1, state, ConfigRecord(), FakeGrid([1]))
     hostile.aggregate_train(1, [answer(hostile, 100, request=msg)])
     stats = hostile.rounds[1]
     assert stats.replies == 0 and len(stats.failures) == 1

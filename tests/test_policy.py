@@ -18,11 +18,7 @@ from conftest import make_rows, write_jsonl
 
 
 @pytest.fixture(autouse=True)
-def _fresh(monkeypatch):
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+def _fresh(monkeypatch, server_task_identity):
     node._MODELS.clear()
     node._NODE_DATA.clear()
 

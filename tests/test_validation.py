@@ -6,32 +6,19 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 
 from fedlora.strategies import FfaLoraStrategy
 
+from conftest import FakeGrid
+
 D, R = 6, 2
 KB = "layer.lora_B.default.weight"
 GLOBAL = np.zeros((D, R), np.float32)
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
-
-
-class Grid:
-    """The part of Flower's Grid that configure_train uses."""
-
-    def __init__(self, nodes):
-        self.nodes = list(nodes)
-
-    def get_node_ids(self):
-        return self.nodes
+pytestmark = pytest.mark.usefixtures("server_task_identity")
 
 
 def _round(strategy, nodes=(1, 2, 3, 4, 5)):
     """Configure round 1 for ``nodes``; return the messages sent, by node."""
-    msgs = strategy.configure_train(1, ArrayRecord({KB: Array(GLOBAL)}), ConfigRecord(), Grid(nodes))
+    msgs = strategy.configure_train(1, ArrayRecord({KB: Array(GLOBAL)}), ConfigRecord(), FakeGrid(nodes))
     return {m.metadata.dst_node_id: m for m in msgs}
 
 

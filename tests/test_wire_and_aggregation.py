@@ -11,14 +11,7 @@ from fedlora.model import build_model, is_lora_a
 from fedlora.node import FingerprintMismatch, NodeRuntime, check_fingerprint
 from fedlora.strategies import FfaLoraStrategy, LoraStrategy
 
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    # Flower messages need a task identity outside a running SuperLink.
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+pytestmark = pytest.mark.usefixtures("server_task_identity")  # Flower messages outside a SuperLink
 
 
 def _model(tiny_model_dir, train_lora_a, train_head=False, seed=42):
