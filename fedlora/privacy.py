@@ -240,13 +240,29 @@ def secure_uniform(n: int) -> np.ndarray:
     return (bits.astype(np.float64) + 1.0) / 2.0**53
 
 
+def _pair_of_draws(n: int) -> np.ndarray:
+    """For ``secure_gaussian`` of ``n >= 2`` values: the Box-Muller pair each of the 4 summed
+    draws comes from, shape (4, n); rows 0-1 are the pairs' cosine outputs, rows 2-3 their sine
+    outputs shifted by one pair, so that no sum takes both outputs of one pair."""
+    p = np.arange(2 * n)
+    return np.concatenate([p, np.roll(p, 1)]).reshape(4, n)
+
+
 def secure_gaussian(shape: tuple[int, ...], std: float) -> torch.Tensor:
     """N(0, std^2) noise from ``os.urandom`` (Box-Muller). As in Opacus'
     secure_mode (Holohan & Braghin 2021), it is the sum of 4 draws of std/2,
-    which defeats attacks on the floating-point representation of one draw."""
+    which defeats attacks on the floating-point representation of one draw.
+    Both outputs of each Box-Muller pair are used (half the random bytes and
+    arithmetic), never both in one sum: a pair's two outputs summed would be a
+    single scaled Box-Muller draw again."""
     n = int(np.prod(shape)) if shape else 1
-    u1, u2 = secure_uniform(4 * n), secure_uniform(4 * n)
-    z = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
+    pairs = 2 * n if n >= 2 else 4 * n
+    u1, u2 = secure_uniform(pairs), secure_uniform(pairs)
+    r, theta = np.sqrt(-2.0 * np.log(u1)), 2.0 * np.pi * u2
+    if n >= 2:
+        z = np.concatenate([r * np.cos(theta), np.roll(r * np.sin(theta), 1)])  # as _pair_of_draws
+    else:
+        z = r * np.cos(theta)  # one value: four pairs, cosine outputs only
     return torch.from_numpy((z.reshape(4, n).sum(0) * (std / 2.0)).astype(np.float32)).reshape(shape)
 
 

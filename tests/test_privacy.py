@@ -5,6 +5,7 @@ issue 820 reported silently corrupted LoRA gradients with PEFT)."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -291,6 +292,27 @@ def test_secure_gaussian_is_gaussian_with_the_requested_scale():
     kurtosis = float(((z - z.mean()) ** 4).mean() / z.var() ** 2)
     assert 2.93 < kurtosis < 3.07  # Gaussian: 3 (uniform would be 1.8)
     assert float((z.abs() > 2 * 2.0).double().mean()) == pytest.approx(0.0455, abs=0.003)  # 2-sigma tail
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 64])
+def test_secure_gaussian_never_sums_both_outputs_of_one_box_muller_pair(n, monkeypatch):
+    if n >= 2:
+        pairs = privacy._pair_of_draws(n)
+        assert all(len(set(pairs[:, i])) == 4 for i in range(n))  # 4 different pairs per value
+        assert sorted(pairs[:2].ravel()) == sorted(pairs[2:].ravel()) == list(range(2 * n))  # each output once
+    # The values follow that layout: rebuild them from the same uniforms.
+    draws = iter([np.linspace(0.1, 0.9, k) for k in (4 * n, 4 * n)] if n < 2 else [np.linspace(0.1, 0.9, 2 * n), np.linspace(0.05, 0.95, 2 * n)])
+    monkeypatch.setattr(privacy, "secure_uniform", lambda k: next(draws))
+    got = privacy.secure_gaussian((n,), 2.0).double().numpy()
+    if n >= 2:
+        u1, u2 = np.linspace(0.1, 0.9, 2 * n), np.linspace(0.05, 0.95, 2 * n)
+        r, t = np.sqrt(-2 * np.log(u1)), 2 * np.pi * u2
+        p = privacy._pair_of_draws(n)
+        want = (r[p[:2]] * np.cos(t[p[:2]])).sum(0) + (r[p[2:]] * np.sin(t[p[2:]])).sum(0)
+    else:
+        u = np.linspace(0.1, 0.9, 4)
+        want = (np.sqrt(-2 * np.log(u)) * np.cos(2 * np.pi * u)).sum(0, keepdims=True)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
 def test_secure_poisson_sampling_has_the_sampling_rate():
