@@ -213,7 +213,7 @@ def _seed0_iid_eps3(name: str) -> list[Run]:
     ]
 
 
-def _alpha_table(title: str, name: str, reference: list[Run], strategies: tuple[str, ...]) -> None:
+def _alpha_table(title: str, name: str, reference: list[Run], strategies: tuple[str, ...], show_rate: bool) -> None:
     runs, partial = _complete(name)
     runs = runs + [r for r in reference if r.config["strategy"] in strategies]
     groups = _by(runs, "strategy", "lora.alpha")
@@ -233,20 +233,20 @@ def _alpha_table(title: str, name: str, reference: list[Run], strategies: tuple[
                 continue
             got.append(mean_std([r.final["accuracy"] for r in rs])[0])
             rates = sorted({r.config["learning-rate"] for r in rs})
-            cells.append(f"{got[-1]:.4f}" + (f" (rate {', '.join(f'{x:g}' for x in rates)})" if name != "sst2-alpha" else ""))
+            cells.append(f"{got[-1]:.4f}" + (f" (rate {', '.join(f'{x:g}' for x in rates)})" if show_rate else ""))
         print(f"| {s} | " + " | ".join(cells) + (f" | {max(got) - min(got):.4f} |" if got else " | – |"))
     print(f"\n{len(runs)} runs complete, {partial} incomplete; {_wall(name)}.\n")
 
 
 def alpha() -> None:
     # alpha = 16 is the main grid's cell with the same settings (sst2-alpha.toml says why).
-    _alpha_table("Sensitivity to LoRA alpha (SST-2, IID, ε = 3)", "sst2-alpha", _seed0_iid_eps3("sst2"), STRATEGIES)
+    _alpha_table("Sensitivity to LoRA alpha (SST-2, IID, ε = 3)", "sst2-alpha", _seed0_iid_eps3("sst2"), STRATEGIES, show_rate=False)
 
 
 def dp_alpha() -> None:
     # alpha = 16 is sst2-dp.toml's cell with the same settings (sst2-dp-alpha.toml says why).
     title = "Sensitivity to LoRA alpha with the DP recipe, rate × alpha held (SST-2, IID, ε = 3, seed 0)"
-    _alpha_table(title, "sst2-dp-alpha", _seed0_iid_eps3("sst2-dp"), STRATEGIES)
+    _alpha_table(title, "sst2-dp-alpha", _seed0_iid_eps3("sst2-dp"), STRATEGIES, show_rate=True)
 
 
 def rte() -> None:

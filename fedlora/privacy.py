@@ -260,10 +260,11 @@ def secure_gaussian(shape: tuple[int, ...], std: float) -> torch.Tensor:
     u1, u2 = secure_uniform(pairs), secure_uniform(pairs)
     r, theta = np.sqrt(-2.0 * np.log(u1)), 2.0 * np.pi * u2
     if n >= 2:
-        z = np.concatenate([r * np.cos(theta), np.roll(r * np.sin(theta), 1)])  # as _pair_of_draws
+        p = _pair_of_draws(n)
+        z = np.concatenate([(r * np.cos(theta))[p[:2]], (r * np.sin(theta))[p[2:]]])
     else:
-        z = r * np.cos(theta)  # one value: four pairs, cosine outputs only
-    return torch.from_numpy((z.reshape(4, n).sum(0) * (std / 2.0)).astype(np.float32)).reshape(shape)
+        z = (r * np.cos(theta)).reshape(4, n)  # one value: four pairs, cosine outputs only
+    return torch.from_numpy((z.sum(0) * (std / 2.0)).astype(np.float32)).reshape(shape)
 
 
 def dp_optimizer(
