@@ -129,7 +129,11 @@ strategy = ["lora", "ffa-lora"]
 """,
     )
     # Interrupt the grid inside round 2 of the first run: once it has checkpointed
-    # round 1 and a node has sent its round-2 update (the hard case for DP ledgers).
+    # round 1 and both nodes have sent their round-2 updates (the hard case for DP
+    # ledgers: charged for round 2, which the resumed run repeats). A kill while a
+    # node is still training would leave its ledger charged for an update never sent;
+    # that node would then, rightly, run out of budget in the last round. So the
+    # state is checked with the processes stopped, and only then killed.
     proc = subprocess.Popen(
         [sys.executable, "-m", "fedlora.tools.cli", "compare", grid],
         cwd=tmp_path,
@@ -139,20 +143,31 @@ strategy = ["lora", "ffa-lora"]
         text=True,
     )
     first = tmp_path / "grid" / "strategy=lora"
+    cache = tmp_path / "cache"
 
-    def sent_round_2():
-        for path in (tmp_path / "cache" / "replies").glob("*.npz"):
-            try:
+    def settled_in_round_2():
+        """Both nodes sent round 2 and neither has charged its ledger beyond that."""
+        try:
+            replies = {}
+            for path in (cache / "replies").glob("*.npz"):
                 with np.load(path) as npz:
-                    if json.loads(npz["__fedlora_reply__"].tobytes())["round"] == 2:
-                        return True
-            except (OSError, ValueError, KeyError):  # being replaced right now
-                pass
-        return False
+                    replies[path.stem] = json.loads(npz["__fedlora_reply__"].tobytes())["round"]
+            spent = {path.stem: sum(h[2] for h in json.loads(path.read_text())["history"]) for path in (cache / "ledgers").glob("*.json")}
+            checkpointed = json.loads((first / "checkpoint.json").read_text())["round"]
+        except (OSError, ValueError, KeyError):  # not written yet, or being replaced right now
+            return False
+        # Round 1 checkpointed, both round-2 replies saved, each ledger charged for exactly
+        # 2 rounds x 4 local steps (the window lasts until the server has aggregated round 2).
+        return checkpointed == 1 and len(replies) == 2 and set(replies.values()) == {2} and all(spent.get(k) == 2 * 4 for k in replies)
 
     deadline = time.monotonic() + 300
-    while not ((first / "checkpoint.json").exists() and sent_round_2()):
+    while True:
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() is not None else "no checkpoint in time"
+        if settled_in_round_2():
+            os.killpg(proc.pid, signal.SIGSTOP)
+            if settled_in_round_2():  # still so with every process of the run stopped
+                break
+            os.killpg(proc.pid, signal.SIGCONT)
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -169,10 +184,12 @@ strategy = ["lora", "ffa-lora"]
         assert [r["round"] for r in rows] == [0, 1, 2, 3]  # the resumed run has every round once
         # Every node answered every round: a node that had already trained the
         # interrupted round sends that update again (its DP ledger would refuse a retrain).
-        assert all(r["clients"] == 2 and r["failures"] == 0 for r in rows[1:]), [r["failure_reasons"] for r in rows]
+        assert all(r["clients"] == 2 and r["failures"] == 0 for r in rows[1:]), [r.get("failure_reasons") for r in rows]
         assert json.load(open(tmp_path / "grid" / name / "result.json"))["accuracy"] == rows[-1]["accuracy"]
         # Cumulative bytes carry across the resume.
         assert rows[-1]["cum_bytes_up"] == sum(r["bytes_up"] for r in rows)
+    # Both nodes of the interrupted run sent their round-2 updates again instead of training.
+    assert (tmp_path / "grid" / "strategy=lora.log").read_text().count("sending again the update already sent for this round") == 2
     log = _rows(tmp_path / "grid" / "grid-log.jsonl")
     assert [(r["run"], r["resumed"]) for r in log] == [("strategy=lora", True), ("strategy=ffa-lora", False)]
 
