@@ -204,7 +204,7 @@ def upload_ratio() -> dict:
 
 
 def secure_noise_seconds(train_lora_a: bool, repeats: int = 20) -> tuple[int, float]:
-    """Per-step cost of deployments' noise from os.urandom, for a method's trainable tensors."""
+    """Per-step cost of deployments' secure noise (privacy.secure_gaussian), for a method's trainable tensors."""
     run = parse_run_config({"strategy": "lora" if train_lora_a else "ffa-lora"})
     shapes = [tuple(p.shape) for p in build_model(run, 2, train_lora_a=train_lora_a).parameters() if p.requires_grad]
     start = time.perf_counter()
@@ -212,6 +212,20 @@ def secure_noise_seconds(train_lora_a: bool, repeats: int = 20) -> tuple[int, fl
         for shape in shapes:
             privacy.secure_gaussian(shape, 1.0)
     return sum(int(torch.Size(s).numel()) for s in shapes), (time.perf_counter() - start) / repeats
+
+
+def secure_bytes_ratio(nbytes: int = 2_400_000, repeats: int = 20) -> tuple[float, float]:
+    """Seconds to draw ``nbytes`` (LoRA's per-step need) from privacy.secure_bytes and from
+    os.urandom directly, interleaved."""
+    chacha, kernel = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        privacy.secure_bytes(nbytes)
+        chacha.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        os.urandom(nbytes)
+        kernel.append(time.perf_counter() - t)
+    return statistics.median(chacha), statistics.median(kernel)
 
 
 def simulation_ratio(data_dir: str | None, rounds: int, steps: int) -> dict:
@@ -337,7 +351,12 @@ def main() -> None:
     )
     for name, train_a in (("LoRA", True), ("FFA-LoRA", False)):
         n, secs = secure_noise_seconds(train_a)
-        print(f"[1'] deployment DP noise from os.urandom, {name} ({n} trainable values): {1000 * secs:.1f} ms per step", flush=True)
+        print(f"[1'] deployment DP noise (secure generator), {name} ({n} trainable values): {1000 * secs:.1f} ms per step", flush=True)
+    chacha, kernel = secure_bytes_ratio()
+    print(
+        f"[1'] 2.4 MB of secure random bytes: ChaCha20 keyed from os.urandom {1000 * chacha:.1f} ms, os.urandom {1000 * kernel:.1f} ms (x{kernel / chacha:.2f})",
+        flush=True,
+    )
     if not args.skip_simulation:
         s = simulation_ratio(args.data_dir, args.rounds, args.steps)
         print(

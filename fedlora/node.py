@@ -314,7 +314,7 @@ def train_round(
     # Simulation (research) runs are reproducible from (seed, round, partition);
     # a node with its own data samples batches from OS entropy, since subsampling
     # amplification assumes the sampler's randomness is secret.
-    # Deployed nodes (own data): None = the OS's secure generator for the DP sampling and noise.
+    # Deployed nodes (own data): None = a cryptographically secure generator (privacy.secure_bytes) for the DP sampling and noise.
     sample_gen = None if rt.private else round_generator(run.seed, server_round, rt.stream, 0)
     if not rt.private:
         # Dropout draws from torch's global generator: reseed it per (round, node)

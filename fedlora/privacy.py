@@ -231,40 +231,45 @@ def reset_per_sample_state(model: nn.Module) -> None:
             p._forward_counter = 0
 
 
-# -- randomness for deployments: the OS's cryptographically secure generator ------
+# -- randomness for deployments: a cryptographically secure generator -------------------
+
+
+def secure_bytes(n: int) -> bytes:
+    """``n`` cryptographically secure random bytes: the ChaCha20 keystream under a fresh
+    256-bit key from ``os.urandom`` (the construction of the Linux kernel's own generator),
+    ~3x faster than reading megabytes from ``os.urandom`` itself. A key is never reused, so
+    the all-zero nonce is safe."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+    return Cipher(algorithms.ChaCha20(os.urandom(32), bytes(16)), mode=None).encryptor().update(bytes(n))
 
 
 def secure_uniform(n: int) -> np.ndarray:
-    """``n`` floats uniform in (0, 1], 53 random bits each, from ``os.urandom``."""
-    bits = np.frombuffer(os.urandom(8 * n), dtype=np.uint64) >> np.uint64(11)
+    """``n`` floats uniform in (0, 1], 53 random bits each, from ``secure_bytes``."""
+    bits = np.frombuffer(secure_bytes(8 * n), dtype=np.uint64) >> np.uint64(11)
     return (bits.astype(np.float64) + 1.0) / 2.0**53
 
 
-def _pair_of_draws(n: int) -> np.ndarray:
-    """For ``secure_gaussian`` of ``n >= 2`` values: the Box-Muller pair each of the 4 summed
-    draws comes from, shape (4, n); rows 0-1 are the pairs' cosine outputs, rows 2-3 their sine
-    outputs shifted by one pair, so that no sum takes both outputs of one pair."""
-    p = np.arange(2 * n)
-    return np.concatenate([p, np.roll(p, 1)]).reshape(4, n)
-
-
 def secure_gaussian(shape: tuple[int, ...], std: float) -> torch.Tensor:
-    """N(0, std^2) noise from ``os.urandom`` (Box-Muller). As in Opacus'
+    """N(0, std^2) noise from ``secure_uniform`` (Box-Muller). As in Opacus'
     secure_mode (Holohan & Braghin 2021), it is the sum of 4 draws of std/2,
     which defeats attacks on the floating-point representation of one draw.
     Both outputs of each Box-Muller pair are used (half the random bytes and
     arithmetic), never both in one sum: a pair's two outputs summed would be a
-    single scaled Box-Muller draw again."""
+    single scaled Box-Muller draw again.
+
+    Layout, for ``n >= 2`` values and pairs 0 .. 2n-1: value i sums the cosine
+    outputs of pairs i and n+i and the sine outputs of pairs i-1 and n+i-1
+    (mod 2n), four different pairs; one value takes four pairs' cosines."""
     n = int(np.prod(shape)) if shape else 1
     pairs = 2 * n if n >= 2 else 4 * n
     u1, u2 = secure_uniform(pairs), secure_uniform(pairs)
     r, theta = np.sqrt(-2.0 * np.log(u1)), 2.0 * np.pi * u2
-    if n >= 2:
-        p = _pair_of_draws(n)
-        z = np.concatenate([(r * np.cos(theta))[p[:2]], (r * np.sin(theta))[p[2:]]])
+    if n >= 2:  # slices, not an index array: no gather over the 4n draws
+        z = (r * np.cos(theta)).reshape(2, n).sum(0) + np.roll(r * np.sin(theta), 1).reshape(2, n).sum(0)
     else:
-        z = (r * np.cos(theta)).reshape(4, n)  # one value: four pairs, cosine outputs only
-    return torch.from_numpy((z.sum(0) * (std / 2.0)).astype(np.float32)).reshape(shape)
+        z = (r * np.cos(theta)).sum(keepdims=True)
+    return torch.from_numpy((z * (std / 2.0)).astype(np.float32)).reshape(shape)
 
 
 def dp_optimizer(
@@ -281,7 +286,7 @@ def dp_optimizer(
     (training without DP that is DP-SGD minus the noise).
 
     A seeded ``generator`` makes research runs reproducible (and predictable:
-    experiments only); ``None`` (deployments) draws the noise from the OS's
+    experiments only); ``None`` (deployments) draws the noise from a
     cryptographically secure generator instead.
 
     Group-wise clipping: ``groups`` gives each of the optimizer's parameters
@@ -296,12 +301,12 @@ def dp_optimizer(
 
     class NoiseOnCPU(DPOptimizer):
         """Opacus' add_noise, with the noise drawn on the CPU and moved to the
-        parameters' device: from the OS's secure generator (deployments), or
+        parameters' device: from ``secure_gaussian`` (deployments), or
         from the seeded CPU ``generator`` (research runs: the same noise on
         every device; Opacus would draw on the parameters' device, where a CPU
         generator cannot be used). Float32 whatever the model's precision."""
 
-        noise_source = "os.urandom" if generator is None else "seeded generator"
+        noise_source = "secure" if generator is None else "seeded generator"
 
         def add_noise(self) -> None:
             std = self.noise_multiplier * self.max_grad_norm
@@ -359,7 +364,7 @@ def dp_optimizer(
 def poisson_batches(num_examples: int, sample_rate: float, steps: int, generator: torch.Generator | None):
     """``steps`` batches, each example included independently with ``sample_rate``
     (the sampling the RDP accountant assumes). ``generator=None`` draws the
-    inclusion coins from the OS's secure generator (deployments)."""
+    inclusion coins from a cryptographically secure generator (deployments)."""
     if generator is None:
         return ((np.nonzero(secure_uniform(num_examples) <= sample_rate)[0]).tolist() for _ in range(steps))
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler

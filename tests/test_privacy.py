@@ -273,7 +273,7 @@ def test_secure_noise_for_deployments_has_the_calibrated_scale_and_is_not_reprod
     draws = []
     for _ in range(2):
         opt = privacy.dp_optimizer(torch.optim.SGD(params, lr=1.0), ledger, 0.5, expected_batch_size=1, generator=None)
-        assert opt.noise_source == "os.urandom"
+        assert opt.noise_source == "secure"
         for p in params:
             p.grad_sample = torch.zeros((0, *p.shape))
         opt.pre_step()
@@ -294,10 +294,38 @@ def test_secure_gaussian_is_gaussian_with_the_requested_scale():
     assert float((z.abs() > 2 * 2.0).double().mean()) == pytest.approx(0.0455, abs=0.003)  # 2-sigma tail
 
 
+def test_secure_bytes_are_chacha20_under_a_fresh_key_from_the_os(monkeypatch):
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+    a, b = privacy.secure_bytes(1000), privacy.secure_bytes(1000)
+    assert len(a) == 1000 and a != b  # a new key each call
+    keys = iter([bytes(range(32)), bytes(range(32)), bytes(range(1, 33))])
+    monkeypatch.setattr(privacy.os, "urandom", lambda k: next(keys))
+    first, again, other = privacy.secure_bytes(64), privacy.secure_bytes(64), privacy.secure_bytes(64)
+    # Nothing but the key decides the bytes: the same key, the same keystream.
+    assert first == again != other
+    # RFC 8439 section 2.4.2's key, block counter 1 and nonce 00:00:00:00:00:00:00:4a:00:00:00:00
+    # (cryptography's 16-byte nonce: 4 counter bytes, then the 12-byte nonce): its keystream
+    # starts with these bytes (the RFC's ciphertext XOR its plaintext); checks the cipher itself.
+    stream = (
+        Cipher(algorithms.ChaCha20(bytes(range(32)), (1).to_bytes(4, "little") + bytes.fromhex("000000000000004a00000000")), mode=None)
+        .encryptor()
+        .update(bytes(16))
+    )
+    assert stream == bytes(x ^ y for x, y in zip(bytes.fromhex("6e2e359a2568f98041ba0728dd0d6981"), b"Ladies and Gentl"))
+
+
+def _pairs_of_draws(n: int) -> np.ndarray:
+    """The layout ``secure_gaussian`` documents, for n >= 2 values: the Box-Muller pair of each
+    of the 4 summed draws (4, n); rows 0-1 take cosine outputs, rows 2-3 sine outputs."""
+    p = np.arange(2 * n)
+    return np.concatenate([p, np.roll(p, 1)]).reshape(4, n)
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 64])
 def test_secure_gaussian_never_sums_both_outputs_of_one_box_muller_pair(n, monkeypatch):
     if n >= 2:
-        pairs = privacy._pair_of_draws(n)
+        pairs = _pairs_of_draws(n)
         assert all(len(set(pairs[:, i])) == 4 for i in range(n))  # 4 different pairs per value
         assert sorted(pairs[:2].ravel()) == sorted(pairs[2:].ravel()) == list(range(2 * n))  # each output once
     # The values follow that layout: rebuild them from the same uniforms.
@@ -307,7 +335,7 @@ def test_secure_gaussian_never_sums_both_outputs_of_one_box_muller_pair(n, monke
     if n >= 2:
         u1, u2 = np.linspace(0.1, 0.9, 2 * n), np.linspace(0.05, 0.95, 2 * n)
         r, t = np.sqrt(-2 * np.log(u1)), 2 * np.pi * u2
-        p = privacy._pair_of_draws(n)
+        p = _pairs_of_draws(n)
         want = (r[p[:2]] * np.cos(t[p[:2]])).sum(0) + (r[p[2:]] * np.sin(t[p[2:]])).sum(0)
     else:
         u = np.linspace(0.1, 0.9, 4)
