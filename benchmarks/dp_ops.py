@@ -1,0 +1,112 @@
+"""What one DP-SGD step computes that the same plain step does not (issue 13, item 1).
+
+    python benchmarks/dp_ops.py [--strategy lora|ffa-lora] [--batch-size 16] [--seq 64] [--top 20]
+
+Profiles one step of each (MiniLM with the strategy's adapters, the same weights and batch,
+denormals flushed as training does on CPU) with torch.profiler, groups the operators by name
+and input shapes, and prints those whose call count differs: the extra calls per step and
+their self CPU time under the profiler. The counts are exact and machine-independent; the
+milliseconds are inflated by the profiler (small operators most) and show only where the time
+goes. Then unprofiled step times, interleaved from the same weights: plain, and DP with no
+noise (hooks and clipping only), with seeded noise (simulations) and with the secure noise of
+deployments, each with its ratio to plain.
+
+What it showed on 2 CPUs (docs/BENCHMARKS.md): the overhead is Opacus' per-sample machinery,
+a fixed set of operators per hooked tensor per step (its per-sample gradient, the zero-filled
+buffer it is copied into, its norm, the clip-weighted sum), plus a rescaling of each hooked
+layer's output gradient for ``loss_reduction="mean"``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from fedlora import privacy, training  # noqa: E402
+from fedlora.config import parse_run_config  # noqa: E402
+from fedlora.data import Encoded  # noqa: E402
+from fedlora.model import build_model  # noqa: E402
+
+
+def _batch(batch_size: int, seq: int) -> Encoded:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 20000, (batch_size, seq), generator=g)
+    return Encoded({"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids), "labels": torch.arange(batch_size) % 2})
+
+
+def _ops(model, enc, idx, opt) -> dict[tuple[str, str], tuple[int, float]]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as p:
+        training.train(model, enc, [idx], opt, 1)
+    return {(e.key, str(e.input_shapes)): (e.count, e.self_cpu_time_total / 1000) for e in p.key_averages(group_by_input_shape=True)}
+
+
+def extra_ops(strategy: str, batch_size: int, seq: int, timed_steps: int = 7) -> dict:
+    """The operators a DP step calls more (or fewer) times than a plain step, and the median
+    step time of a plain step and of three DP steps: Opacus' hooks and clipping with no noise,
+    plus noise from a seeded generator (simulations), plus noise from the secure generator
+    (deployments). All four start from the same weights and time the same batch, interleaved."""
+    training.set_flush_denormal(True)
+    run = parse_run_config({"strategy": strategy})
+    train_a = strategy == "lora"
+    enc, idx = _batch(batch_size, seq), list(range(batch_size))
+    plain = build_model(run, 2, train_lora_a=train_a)
+    sides = {"plain": (plain, training.make_optimizer([p for p in plain.parameters() if p.requires_grad], run.train))}
+    hooked = 0
+    for name, noise, generator in (("dp, no noise", 0.0, None), ("dp, seeded noise", 1.0, torch.Generator().manual_seed(0)), ("dp, secure noise", 1.0, None)):
+        private = build_model(run, 2, train_lora_a=train_a)
+        private.load_state_dict(plain.state_dict())
+        trainable = [p for p in private.parameters() if p.requires_grad]
+        hooked = len(trainable)
+        ledger = privacy.PrivacyLedger(3.0, 1e-5, noise_multiplier=noise, sample_rate=0.01, planned_steps=10**6)
+        opt = privacy.dp_optimizer(training.make_optimizer(trainable, run.train), ledger, 1.0, batch_size, generator)
+        sides[name] = (privacy.wrap_model(private), opt)
+    for m, o in sides.values():
+        training.train(m, enc, [idx], o, 1)  # warm-up
+    ops = {k: _ops(*sides[k][:1], enc, idx, sides[k][1]) for k in ("plain", "dp, no noise")}
+    rows = []
+    for key in ops["plain"].keys() | ops["dp, no noise"].keys():
+        c0, t0 = ops["plain"].get(key, (0, 0.0))
+        c1, t1 = ops["dp, no noise"].get(key, (0, 0.0))
+        if c1 != c0:
+            rows.append({"op": key[0], "shapes": key[1], "extra_calls": c1 - c0, "extra_ms": t1 - t0})
+    rows.sort(key=lambda r: -r["extra_ms"])
+    times = {k: [] for k in sides}
+    for _ in range(timed_steps):  # interleaved, so machine noise hits all alike
+        for k, (m, o) in sides.items():
+            times[k].append(training.train(m, enc, [idx], o, 1).seconds)
+    for k, (m, _) in sides.items():
+        if k != "plain":
+            m._close()
+    return {"rows": rows, "hooked_tensors": hooked, "seconds": {k: statistics.median(v) for k, v in times.items()}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--strategy", choices=("lora", "ffa-lora"), default="lora")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--top", type=int, default=20, help="rows to print, largest extra time first")
+    args = ap.parse_args()
+    r = extra_ops(args.strategy, args.batch_size, args.seq)
+    print(f"{args.strategy}, MiniLM, batch {args.batch_size} x {args.seq} tokens: {r['hooked_tensors']} trainable tensors under Opacus' hooks")
+    print(f"{'extra calls':>11}  {'extra ms (profiled)':>19}  operator  input shapes")
+    for row in r["rows"][: args.top]:
+        print(f"{row['extra_calls']:>+11d}  {row['extra_ms']:>19.2f}  {row['op']}  {row['shapes'][:100]}")
+    total = sum(row["extra_ms"] for row in r["rows"])
+    print(f"all {len(r['rows'])} differing rows: {total:.1f} ms extra under the profiler")
+    sec = r["seconds"]
+    print(f"unprofiled steps, median of 7 interleaved (batch {args.batch_size} x {args.seq}):")
+    for k, v in sec.items():
+        print(f"  {k:<17} {1000 * v:8.1f} ms   / plain {v / sec['plain']:.3f}   (+{1000 * (v - sec['plain']):.1f} ms)")
+
+
+if __name__ == "__main__":
+    main()
