@@ -12,9 +12,10 @@ noise (hooks and clipping only), with seeded noise (simulations) and with the se
 deployments, each with its ratio to plain.
 
 What it showed on 2 CPUs (docs/BENCHMARKS.md): the overhead is Opacus' per-sample machinery,
-a fixed set of operators per hooked tensor per step (its per-sample gradient, the zero-filled
-buffer it is copied into, its norm, the clip-weighted sum), plus a rescaling of each hooked
-layer's output gradient for ``loss_reduction="mean"``.
+a fixed cost per hooked module and step: the autograd nodes of its full backward hooks and the
+Python hook code they run (the largest part), the per-sample gradient, the zero-filled buffer it
+is copied into, its norm, the clip-weighted sum, and a rescaling of the module's output gradient
+for ``loss_reduction="mean"``.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def extra_ops(strategy: str, batch_size: int, seq: int, timed_steps: int = 7) ->
         sides[name] = (privacy.wrap_model(private), opt)
     for m, o in sides.values():
         training.train(m, enc, [idx], o, 1)  # warm-up
-    ops = {k: _ops(*sides[k][:1], enc, idx, sides[k][1]) for k in ("plain", "dp, no noise")}
+    ops = {k: _ops(sides[k][0], enc, idx, sides[k][1]) for k in ("plain", "dp, no noise")}
     rows = []
     for key in ops["plain"].keys() | ops["dp, no noise"].keys():
         c0, t0 = ops["plain"].get(key, (0, 0.0))
