@@ -159,9 +159,9 @@ def dp_rates() -> None:
 def dp_rounds() -> None:
     """experiments/sst2-dp-rounds.toml and sst2-dp-long.toml: the recipe with 10 and 24 rounds
     instead of 6 (FFA-LoRA, epsilon 3)."""
-    for name, rounds in (("sst2-dp-rounds", 10), ("sst2-dp-long", 24)):
+    for name, rounds, what in (("sst2-dp-rounds", 10, "ε = 3"), ("sst2-dp-long", 24, "ε = 3 and its non-private reference")):
         runs, partial = _complete(name)
-        print(f"### The recipe with {rounds} rounds instead of 6 (FFA-LoRA, ε = 3, seed 0; `experiments/{name}.toml`)\n")
+        print(f"### The recipe with {rounds} rounds instead of 6 (FFA-LoRA, {what}, seed 0; `experiments/{name}.toml`)\n")
         if runs:
             _by_round(runs, _run_minutes(name))
         print(f"{len(runs)} runs complete, {partial} incomplete; {_wall(name)}.\n")
