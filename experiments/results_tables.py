@@ -158,7 +158,7 @@ def dp_rates() -> None:
 
 def dp_rounds() -> None:
     """experiments/sst2-dp-rounds.toml and sst2-dp-long.toml: the recipe with 10 and 24 rounds
-    instead of 6 (FFA-LoRA, epsilon 3)."""
+    instead of 6 (FFA-LoRA, epsilon 3; the 24-round grid also has its non-private reference)."""
     for name, rounds, what in (("sst2-dp-rounds", 10, "ε = 3"), ("sst2-dp-long", 24, "ε = 3 and its non-private reference")):
         runs, partial = _complete(name)
         print(f"### The recipe with {rounds} rounds instead of 6 (FFA-LoRA, {what}, seed 0; `experiments/{name}.toml`)\n")
