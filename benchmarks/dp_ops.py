@@ -29,16 +29,13 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+sys.path.insert(0, os.path.dirname(__file__))
+
+from speed import _batch, _trainable  # noqa: E402  (speed.py's synthetic batch, the same [1] times)
+
 from fedlora import privacy, training  # noqa: E402
 from fedlora.config import parse_run_config  # noqa: E402
-from fedlora.data import Encoded  # noqa: E402
 from fedlora.model import build_model  # noqa: E402
-
-
-def _batch(batch_size: int, seq: int) -> Encoded:
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, 20000, (batch_size, seq), generator=g)
-    return Encoded({"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids), "labels": torch.arange(batch_size) % 2})
 
 
 def _ops(model, enc, idx, opt) -> dict[tuple[str, str], tuple[int, float]]:
@@ -59,12 +56,12 @@ def extra_ops(strategy: str, batch_size: int, seq: int, timed_steps: int = 7) ->
     train_a = strategy == "lora"
     enc, idx = _batch(batch_size, seq), list(range(batch_size))
     plain = build_model(run, 2, train_lora_a=train_a)
-    sides = {"plain": (plain, training.make_optimizer([p for p in plain.parameters() if p.requires_grad], run.train))}
+    sides = {"plain": (plain, training.make_optimizer(_trainable(plain), run.train))}
     hooked = 0
     for name, noise, generator in (("dp, no noise", 0.0, None), ("dp, seeded noise", 1.0, torch.Generator().manual_seed(0)), ("dp, secure noise", 1.0, None)):
         private = build_model(run, 2, train_lora_a=train_a)
         private.load_state_dict(plain.state_dict())
-        trainable = [p for p in private.parameters() if p.requires_grad]
+        trainable = _trainable(private)
         hooked = len(trainable)
         ledger = privacy.PrivacyLedger(3.0, 1e-5, noise_multiplier=noise, sample_rate=0.01, planned_steps=10**6)
         opt = privacy.dp_optimizer(training.make_optimizer(trainable, run.train), ledger, 1.0, batch_size, generator)
