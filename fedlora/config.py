@@ -679,6 +679,14 @@ class RunConfig:
         "(a sentence-transformers `1_Pooling/config.json` with mean pooling, on a BERT-style encoder), else `model`",
         note="`mean` needs a BERT-style encoder with a pooler (classification)",
     )
+    model_dropout: float = option(
+        "model-dropout",
+        -1.0,
+        "dropout probability in the pretrained model's own layers (hidden, attention, classifier); negative = the "
+        "checkpoint's own (0.1 for MiniLM). Every `nn.Dropout` and attention-dropout rate is set to it",
+        ge=-1,
+        le=0.99,
+    )
     output_dir: str = option("output-dir", "outputs", "where runs go", nonempty=True)
     run_name: str = option(
         "run-name",

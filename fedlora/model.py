@@ -278,6 +278,21 @@ def load_base(model: str, task: str, num_labels: int = 2, **kwargs) -> nn.Module
     return base
 
 
+def set_dropout(model: nn.Module, p: float) -> int:
+    """Set every dropout rate in ``model`` to ``p``: its ``nn.Dropout`` layers (BERT's
+    attention reads its rate from one of them) and the float ``attention_dropout`` that
+    decoder attention layers (Llama's) pass to their kernel. Returns how many were set."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+            count += 1
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = p
+            count += 1
+    return count
+
+
 class MeanPooler(nn.Module):
     """Stands in for a BERT-style pooler: the mean of the last hidden states over the
     real tokens (padding excluded), as sentence-transformers models pool. The encoder
@@ -373,6 +388,8 @@ def build_model(run: RunConfig, num_labels: int, train_lora_a: bool, device: tor
     from . import devices
 
     base = load_base(run.model, run.task, num_labels, **devices.quantization_kwargs(run.compute, device))
+    if run.model_dropout >= 0:
+        set_dropout(base, run.model_dropout)
     pooling = apply_pooling(base, run)
     if run.pooling == "auto" and run.task == "classification":
         log.info("pooling = auto: %s (%s)", pooling, "the checkpoint's own" if pooling == "mean" else "the architecture's pooler")
