@@ -6,8 +6,8 @@ For nodes of each size (examples) with expected batches of --batch-size over --s
 planned steps at epsilon 3 (the shapes of benchmarks/scale.py: SST-2 over 10 to 1,000
 nodes), side by side in one run:
 
-- calibration: ``privacy.calibrate_noise`` (Opacus' search, most comparisons decided by
-  an upper bound) against Opacus' ``get_noise_multiplier``; both must return the same
+- calibration: ``privacy.calibrate_noise`` (Opacus' search, its comparisons decided by
+  bounds from a few RDP orders where they can be) against Opacus' ``get_noise_multiplier``; both must return the same
   noise multiplier;
 - epsilon: three ``privacy.epsilon_of`` calls on the same (noise, rate), as a node makes
   per message (the per-step RDP computed once), against three Opacus

@@ -59,38 +59,81 @@ def calibrate_noise(dp: DPConfig, sample_rate: float, total_steps: int) -> float
 
 
 _MAX_SIGMA = 1e6  # Opacus' bound on the search
-# Where the search's upper bound looks first: a spread of ALPHAS' orders.
-_FIRST_ORDERS = [2.0, 3.0, 5.0, 8.0, 12.0, 20.0, 32.0, 63.0, 128.0, 512.0]
+# Orders computed at every sigma besides those around the optimum: integer orders are cheap
+# (Opacus sums a finite binomial series), and lines through them bound every order between.
+_SKELETON = [2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 63.0, 128.0, 512.0]
+# Bounds decide a comparison only this far (relative) from its threshold: far above the
+# rounding of Opacus' series, so every decision is the one Opacus' exact epsilon gives.
+_SLACK = 1e-7
 
 
 def _noise_search(target: float, delta: float, sample_rate: float, steps: int) -> float:
     """Opacus' ``get_noise_multiplier`` search, step for step: double sigma until
-    epsilon < target, then bisect until target - epsilon <= EPSILON_TOLERANCE.
+    epsilon <= target, then bisect until target - epsilon <= EPSILON_TOLERANCE.
 
     Each comparison needs epsilon(sigma) only on one side of a threshold.
-    Epsilon is a minimum over the orders ``ALPHAS`` of a per-order value, so
-    the minimum over a few of them is an upper bound: the orders around the
-    last exact optimum (the optimum moves little between the search's steps).
-    The exact epsilon over all orders, which costs most at the large sampling
-    rates of small nodes, is computed only when the bound cannot decide. So
-    every decision, hence the result, is Opacus'."""
-    from opacus.accountants.analysis import rdp as analysis
+    Epsilon is the minimum over the orders ``ALPHAS`` of a per-order value, and
+    the fractional orders cost most (at the large sampling rates of small nodes,
+    ~2 ms each). So each sigma first gets two cheap bounds from a few orders
+    (those around the likely optimum, and ``_SKELETON``): their minimum from
+    above, and from below a bound for every order (``_order_lower_bounds``).
+    Where they leave a comparison open, the orders whose lower bound could be
+    the minimum are computed and the bounds tightened; only where that still
+    leaves it open is Opacus' exact epsilon computed. Every decision, hence the
+    result, is the one Opacus' exact epsilon gives (tests/test_privacy.py)."""
+    alphas = np.asarray(ALPHAS, dtype=float)
+    window: list[float] = []  # ALPHAS around the likely optimum, once a sigma has been bounded
+    state: dict[float, tuple[float, float, np.ndarray | None]] = {}  # sigma -> (lower, upper, per-order lower bounds)
 
-    orders = list(_FIRST_ORDERS)
+    def per_order_epsilon(sigma: float, orders: np.ndarray) -> np.ndarray:
+        from opacus.accountants.analysis import rdp as analysis
 
-    def bound(sigma: float) -> float:
-        rdp = np.asarray(analysis.compute_rdp(q=sample_rate, noise_multiplier=sigma, steps=steps, orders=orders))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "optimal order is the largest alpha": a bound either way
-            return float(analysis.get_privacy_spent(orders=orders, rdp=rdp, delta=delta)[0])
+        rdp = np.asarray(analysis.compute_rdp(q=sample_rate, noise_multiplier=sigma, steps=steps, orders=list(orders)))
+        return rdp, _convert(rdp, orders, delta)
 
-    def exact(sigma: float) -> float:
-        nonlocal orders
-        eps, best = _spent([(sigma, sample_rate, steps)], delta)
-        if best in ALPHAS:  # look around this optimum next
-            i = ALPHAS.index(best)
-            orders = [float(a) for a in ALPHAS[max(0, i - 2) : i + 3]]
-        return eps
+    def widen(x: float) -> float:
+        return _SLACK * max(1.0, abs(x)) if math.isfinite(x) else 0.0
+
+    def bounds(sigma: float) -> tuple[float, float]:
+        nonlocal window
+        if sigma not in state:
+            orders = np.asarray(sorted(set(window) | set(_SKELETON)))
+            rdp, eps = per_order_epsilon(sigma, orders)
+            per_order = _order_lower_bounds(orders, rdp, alphas)
+            lower_eps = _convert(per_order, alphas, delta) if per_order is not None else None
+            upper = float(np.nanmin(eps)) if not np.isnan(eps).all() else math.inf
+            if lower_eps is None:
+                state[sigma] = (-math.inf, upper, None)
+            else:
+                best = int(np.nanargmin(lower_eps))  # the likely optimum: look around it next
+                window = [float(a) for a in ALPHAS[max(0, best - 4) : best + 5]]
+                state[sigma] = (float(np.nanmin(lower_eps)), upper, lower_eps)
+        lower, upper, _ = state[sigma]
+        return lower - widen(lower), upper + widen(upper)
+
+    def tighten(sigma: float) -> tuple[float, float]:
+        """Compute the orders whose lower bound is below the upper bound: the minimum is among them."""
+        lower, upper, lower_eps = state[sigma]
+        if lower_eps is None:
+            return bounds(sigma)
+        open_ = lower_eps - np.array([widen(v) for v in lower_eps]) <= upper + widen(upper)
+        _, eps = per_order_epsilon(sigma, alphas[open_])
+        upper = min(upper, float(np.nanmin(eps))) if not np.isnan(eps).all() else upper
+        rest = lower_eps[~open_]
+        lower = min(float(np.nanmin(eps)) if not np.isnan(eps).all() else math.inf, float(rest.min()) if len(rest) else math.inf)
+        state[sigma] = (lower, upper, None)
+        return lower - widen(lower), upper + widen(upper)
+
+    def decide(sigma: float, holds) -> bool:
+        """``holds(epsilon)`` at sigma, for a ``holds`` monotone in epsilon: from bounds
+        where it is the same at both ends, else from Opacus' exact epsilon."""
+        for refine in (bounds, tighten):
+            lower, upper = refine(sigma)
+            if holds(lower) == holds(upper):
+                return holds(upper)
+        eps = _spent([(sigma, sample_rate, steps)], delta)[0]
+        state[sigma] = (eps, eps, None)
+        return holds(eps)
 
     # Doubling: Opacus stops at the first sigma_high whose epsilon is <= target.
     sigma_low, sigma_high = 0.0, 10.0
@@ -98,26 +141,48 @@ def _noise_search(target: float, delta: float, sample_rate: float, steps: int) -
         sigma_high = 2 * sigma_high
         if sigma_high > _MAX_SIGMA:
             raise ValueError("The privacy budget is too low.")
-        eps_high, known = bound(sigma_high), False  # known: eps_high exact, else an upper bound
-        if eps_high <= target:
-            break
-        eps_high, known = exact(sigma_high), True
-        if not eps_high > target:
+        if not decide(sigma_high, lambda eps: eps > target):
             break
     # Bisection: until target - epsilon(sigma_high) <= tolerance.
-    while True:
-        if not known and not target - eps_high > EPSILON_TOLERANCE:
-            eps_high, known = exact(sigma_high), True
-        if not target - eps_high > EPSILON_TOLERANCE:
-            return sigma_high
+    while decide(sigma_high, lambda eps: target - eps > EPSILON_TOLERANCE):
         sigma = (sigma_low + sigma_high) / 2
-        eps, is_exact = bound(sigma), False
-        if not eps < target:
-            eps, is_exact = exact(sigma), True
-        if eps < target:
-            sigma_high, eps_high, known = sigma, eps, is_exact
+        if decide(sigma, lambda eps: eps < target):
+            sigma_high = sigma
         else:
             sigma_low = sigma
+    return sigma_high
+
+
+def _convert(rdp: np.ndarray, orders: np.ndarray, delta: float) -> np.ndarray:
+    """Each order's epsilon from its RDP: Opacus' conversion (``get_privacy_spent``),
+    before its minimum over the orders."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return rdp - (np.log(delta) + np.log(orders)) / (orders - 1) + np.log((orders - 1) / orders)
+
+
+def _order_lower_bounds(orders: np.ndarray, rdp: np.ndarray, alphas: np.ndarray) -> np.ndarray | None:
+    """A lower bound of the RDP at every order of ``alphas`` from the RDP at ``orders``
+    (None where some of those is not finite).
+
+    (order - 1) x RDP(order) is the log of a moment of the privacy loss, so it is
+    convex in the order, 0 at orders 0 and 1 and >= 0 above 1. A line through two
+    neighbouring known points lies below it outside their interval: between two
+    known orders, the lines through the pairs to either side bound it from below."""
+    if not np.all(np.isfinite(rdp)):
+        return None
+    x = np.concatenate(([0.0, 1.0], orders))
+    f = np.concatenate(([0.0, 0.0], rdp * (orders - 1)))
+    j = np.searchsorted(x, alphas, side="right")  # x[j - 1] <= alpha < x[j]
+    moment = np.zeros(len(alphas))
+    left = j >= 2  # the line through x[j - 2] and x[j - 1], extended right
+    a, b = j[left] - 2, j[left] - 1
+    moment[left] = np.maximum(moment[left], f[b] + (f[b] - f[a]) / (x[b] - x[a]) * (alphas[left] - x[b]))
+    right = j + 1 < len(x)  # the line through x[j] and x[j + 1], extended left
+    a, b = j[right], j[right] + 1
+    moment[right] = np.maximum(moment[right], f[a] + (f[b] - f[a]) / (x[b] - x[a]) * (alphas[right] - x[a]))
+    known = x[j - 1] == alphas
+    moment[known] = f[j[known] - 1]
+    return moment / (alphas - 1)
 
 
 def epsilon_of(history: list[tuple[float, float, int]], delta: float) -> float:

@@ -229,6 +229,41 @@ def test_noise_calibration_is_opacus_get_noise_multiplier_to_the_bit(epsilon, sa
     assert epsilon - privacy.EPSILON_TOLERANCE <= privacy.epsilon_of([(ours, sample_rate, steps)], 1e-5) <= epsilon
 
 
+@pytest.mark.parametrize(("epsilon", "sample_rate", "steps"), [(3.0, 16 / 53, 6), (5.0, 0.64, 1), (0.3, 0.51, 400), (8.0, 0.23, 24), (2.0, 0.0024, 6)])
+@pytest.mark.parametrize("slack", ["default", "every-comparison-exact"])
+def test_noise_calibration_matches_opacus_whichever_way_a_comparison_is_decided(epsilon, sample_rate, steps, slack, monkeypatch):
+    # With a huge slack no bound decides anything, so every comparison takes the exact path.
+    from opacus.accountants.utils import get_noise_multiplier
+
+    if slack != "default":
+        monkeypatch.setattr(privacy, "_SLACK", 1e6)
+    ours = privacy.calibrate_noise(DPConfig(epsilon=epsilon, delta=1e-5, max_grad_norm=1.0), sample_rate, steps)
+    theirs = get_noise_multiplier(
+        target_epsilon=epsilon,
+        target_delta=1e-5,
+        sample_rate=sample_rate,
+        steps=steps,
+        accountant="rdp",
+        epsilon_tolerance=privacy.EPSILON_TOLERANCE,
+        alphas=privacy.ALPHAS,
+    )
+    assert ours == theirs
+
+
+@pytest.mark.parametrize(("sigma", "sample_rate"), [(0.6, 0.3), (1.1, 0.02), (3.0, 0.9), (0.9, 1.0), (25.0, 0.5)])
+def test_the_order_lower_bounds_are_below_opacus_rdp_at_every_order(sigma, sample_rate):
+    from opacus.accountants.analysis import rdp as analysis
+
+    alphas = np.asarray(privacy.ALPHAS, dtype=float)
+    exact = np.asarray(analysis.compute_rdp(q=sample_rate, noise_multiplier=sigma, steps=7, orders=privacy.ALPHAS))
+    for known in (privacy._SKELETON, [2.0, 63.0], [4.5, 4.6, 4.7, 12.0, 13.0]):
+        orders = np.asarray(known)
+        rdp = np.asarray(analysis.compute_rdp(q=sample_rate, noise_multiplier=sigma, steps=7, orders=known))
+        lower = privacy._order_lower_bounds(orders, rdp, alphas)
+        assert np.all(lower <= exact * (1 + 1e-12))
+        np.testing.assert_allclose(lower[np.isin(alphas, orders)], rdp, rtol=1e-12)  # exact where known
+
+
 def test_prv_accountant_agrees_epsilon_is_an_upper_bound():
     # A tighter accountant must never report more than what we claim.
     from opacus.accountants import PRVAccountant
