@@ -167,6 +167,26 @@ def dp_rounds() -> None:
         print(f"{len(runs)} runs complete, {partial} incomplete; {_wall(name)}.\n")
 
 
+def dp_dropout() -> None:
+    """experiments/sst2-dp-dropout.toml: the recipe with MiniLM's dropout off, beside the same
+    seed-0 epsilon-3 cells of sst2-dp.toml (dropout 0.1, the checkpoint's)."""
+    name = "sst2-dp-dropout"
+    runs, partial = _complete(name)
+    print("### The recipe with the model's dropout off (`model-dropout = 0`; ε = 3, seed 0; `experiments/sst2-dp-dropout.toml`)\n")
+    if runs:
+        with_dropout = _by(_complete("sst2-dp")[0], "partition.method", "dp.epsilon", "strategy", "seed")
+        minutes = _run_minutes(name)
+        print("| split | strategy | final, dropout 0.1 | final, dropout 0 | minutes, dropout 0 |\n|---|---|---|---|---|")
+        for r in sorted(runs, key=lambda r: (r.config["partition.method"], r.config["strategy"])):
+            c = r.config
+            same = with_dropout.get((c["partition.method"], c["dp.epsilon"], c["strategy"], c["seed"]), [])
+            before = f"{same[0].final['accuracy']:.3f}" if same else "–"
+            print(f"| {c['partition.method']} | {c['strategy']} | {before} | {r.final['accuracy']:.3f} | {minutes.get(os.path.basename(r.path), 0):.1f} |")
+        print()
+        _by_round(runs, minutes)
+    print(f"{len(runs)} runs complete, {partial} incomplete; {_wall(name)}.\n")
+
+
 def main_grid() -> None:
     runs, partial = _complete("sst2")
     reference, ref_partial = _complete("sst2-nonprivate")  # the non-private row: its own grid and rates
@@ -345,6 +365,7 @@ if __name__ == "__main__":
     dp_grid()
     dp_rates()
     dp_rounds()
+    dp_dropout()
     sweep()
     main_grid()
     for target in targets:
