@@ -8,7 +8,8 @@ and input shapes, and prints those whose call count differs: the extra calls per
 their self CPU time under the profiler. The counts are exact and machine-independent; the
 milliseconds are inflated by the profiler (small operators most) and show only where the time
 goes. Then unprofiled step times, interleaved from the same weights: plain, and DP with no
-noise (hooks and clipping only), with seeded noise (simulations) and with the secure noise of
+noise (hooks and clipping only; with fedlora's output-tensor hooks, and with Opacus' own full
+module backward hooks), with seeded noise (simulations) and with the secure noise of
 deployments, each with its ratio to plain.
 
 What it showed on 2 CPUs (docs/BENCHMARKS.md): the overhead is Opacus' per-sample machinery,
@@ -58,14 +59,19 @@ def extra_ops(strategy: str, batch_size: int, seq: int, timed_steps: int = 7) ->
     plain = build_model(run, 2, train_lora_a=train_a)
     sides = {"plain": (plain, training.make_optimizer(_trainable(plain), run.train))}
     hooked = 0
-    for name, noise, generator in (("dp, no noise", 0.0, None), ("dp, seeded noise", 1.0, torch.Generator().manual_seed(0)), ("dp, secure noise", 1.0, None)):
+    for name, noise, generator, hooks in (
+        ("dp, no noise", 0.0, None, "output"),
+        ("dp, no noise, Opacus' module hooks", 0.0, None, "module"),
+        ("dp, seeded noise", 1.0, torch.Generator().manual_seed(0), "output"),
+        ("dp, secure noise", 1.0, None, "output"),
+    ):
         private = build_model(run, 2, train_lora_a=train_a)
         private.load_state_dict(plain.state_dict())
         trainable = _trainable(private)
         hooked = len(trainable)
         ledger = privacy.PrivacyLedger(3.0, 1e-5, noise_multiplier=noise, sample_rate=0.01, planned_steps=10**6)
         opt = privacy.dp_optimizer(training.make_optimizer(trainable, run.train), ledger, 1.0, batch_size, generator)
-        sides[name] = (privacy.wrap_model(private), opt)
+        sides[name] = (privacy.wrap_model(private, hooks), opt)
     for m, o in sides.values():
         training.train(m, enc, [idx], o, 1)  # warm-up
     ops = {k: _ops(sides[k][0], enc, idx, sides[k][1]) for k in ("plain", "dp, no noise")}
@@ -103,7 +109,7 @@ def main() -> None:
     sec = r["seconds"]
     print(f"unprofiled steps, median of 7 interleaved (batch {args.batch_size} x {args.seq}):")
     for k, v in sec.items():
-        print(f"  {k:<17} {1000 * v:8.1f} ms   / plain {v / sec['plain']:.3f}   (+{1000 * (v - sec['plain']):.1f} ms)")
+        print(f"  {k:<34} {1000 * v:8.1f} ms   / plain {v / sec['plain']:.3f}   (+{1000 * (v - sec['plain']):.1f} ms)")
 
 
 if __name__ == "__main__":

@@ -268,12 +268,60 @@ class PrivacyLedger:
         return cls(**d)
 
 
-def wrap_model(model: nn.Module) -> nn.Module:
-    """Per-sample gradients for the trainable parameters (Opacus hooks mode)."""
+def wrap_model(model: nn.Module, hooks: str = "output") -> nn.Module:
+    """Per-sample gradients for the trainable parameters: Opacus' ``GradSampleModule``
+    (hooks mode), its backward hooks on each hooked module's output tensor
+    (``hooks="output"``, ``_OutputHooks``) or, as Opacus registers them, on the module
+    (``hooks="module"``; benchmarks compare the two)."""
     from opacus import GradSampleModule
 
+    if hooks not in ("output", "module"):
+        raise ValueError(f"hooks must be 'output' or 'module', not {hooks!r}")
     model.train()  # Opacus requires train mode when wrapping
-    return GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    cls = _output_hooks_class() if hooks == "output" else GradSampleModule
+    return cls(model, batch_first=True, loss_reduction="mean")
+
+
+@functools.cache
+def _output_hooks_class() -> type:
+    from opacus import GradSampleModule
+    from opacus.grad_sample.functorch import prepare_layer
+
+    class _OutputHooks(GradSampleModule):
+        """Opacus' ``GradSampleModule`` with the backward half of each module's hooks
+        registered on its output tensor, from the forward hook, instead of as a full
+        module backward hook. The per-sample gradients are Opacus' own code (its grad
+        samplers, accumulation and clipping state), fed the same output gradient; what
+        goes is the pair of Python autograd Functions a full backward hook wraps around
+        every hooked module's inputs and outputs on every forward, the largest part of
+        DP-SGD's overhead per step on CPU (``benchmarks/dp_ops.py``)."""
+
+        def add_hooks(self, *, loss_reduction: str = "mean", batch_first: bool = True, force_functorch: bool = False) -> None:
+            if hasattr(self._module, "autograd_grad_sample_hooks"):
+                raise ValueError("Trying to add hooks twice to the same model")
+            self._module.autograd_grad_sample_hooks = []
+            self.autograd_grad_sample_hooks = self._module.autograd_grad_sample_hooks
+            for module in self.iterate_submodules(self._module):
+                if force_functorch or self._get_module_type(module) not in self.GRAD_SAMPLERS:
+                    prepare_layer(module, batch_first=batch_first)
+                hook = functools.partial(self._capture, loss_reduction=loss_reduction, batch_first=batch_first)
+                self.autograd_grad_sample_hooks.append(module.register_forward_hook(hook))
+            self.enable_hooks()
+
+        def _capture(self, module: nn.Module, inputs, output, *, loss_reduction: str, batch_first: bool) -> None:
+            saved = len(getattr(module, "activations", ()))
+            self.capture_activations_hook(module, inputs, output)
+            if len(getattr(module, "activations", ())) == saved:
+                return  # not captured: no grad, eval mode or hooks disabled
+            if not isinstance(output, torch.Tensor):
+                raise TypeError(f"per-sample gradients need a module with one tensor output, not {type(module).__name__}")
+
+            def backward(grad: torch.Tensor) -> None:
+                self.capture_backprops_hook(module, None, (grad,), loss_reduction=loss_reduction, batch_first=batch_first)
+
+            output.register_hook(backward)
+
+    return _OutputHooks
 
 
 def reset_per_sample_state(model: nn.Module) -> None:
