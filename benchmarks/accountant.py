@@ -10,7 +10,8 @@ nodes), side by side in one run:
   bounds from a few RDP orders where they can be) against Opacus' ``get_noise_multiplier``; both must return the same
   noise multiplier;
 - epsilon: three ``privacy.epsilon_of`` calls on the same (noise, rate), as a node makes
-  per message (the per-step RDP computed once), against three Opacus
+  per message (the per-step RDP computed once, at the orders that can hold the minimum
+  only), against three Opacus
   ``RDPAccountant.get_epsilon`` calls.
 
 Each figure is the best of --repeat runs, the caches cleared before each.
@@ -28,7 +29,7 @@ def best_of(repeat: int, fn) -> tuple[float, object]:
 
     best, out = float("inf"), None
     for _ in range(repeat):
-        privacy._rdp_per_step.cache_clear()
+        privacy._PER_STEP.clear()
         t = time.perf_counter()
         out = fn()
         best = min(best, time.perf_counter() - t)

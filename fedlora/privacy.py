@@ -10,6 +10,7 @@ DP-SGD with Poisson sampling.
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import math
@@ -17,6 +18,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -85,10 +87,8 @@ def _noise_search(target: float, delta: float, sample_rate: float, steps: int) -
     window: list[float] = []  # ALPHAS around the likely optimum, once a sigma has been bounded
     state: dict[float, tuple[float, float, np.ndarray | None]] = {}  # sigma -> (lower, upper, per-order lower bounds)
 
-    def per_order_epsilon(sigma: float, orders: np.ndarray) -> np.ndarray:
-        from opacus.accountants.analysis import rdp as analysis
-
-        rdp = np.asarray(analysis.compute_rdp(q=sample_rate, noise_multiplier=sigma, steps=steps, orders=list(orders)))
+    def per_order_epsilon(sigma: float, orders: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        rdp = _rdp([(sigma, sample_rate, steps)], orders)
         return rdp, _convert(rdp, orders, delta)
 
     def widen(x: float) -> float:
@@ -187,30 +187,70 @@ def _order_lower_bounds(orders: np.ndarray, rdp: np.ndarray, alphas: np.ndarray)
 
 def epsilon_of(history: list[tuple[float, float, int]], delta: float) -> float:
     """Epsilon of a mechanism history, by Opacus' RDP accountant: its sum over
-    the history of per-step RDP x steps, then its conversion to (epsilon, delta),
-    so the result is Opacus' ``RDPAccountant.get_epsilon`` to the bit
-    (tests/test_privacy.py). The per-step RDP of each (noise, sample rate) is
-    computed once per process: at the large sampling rates of small nodes it
-    takes ~0.1-0.5 s, and a node asks for it several times a round."""
+    the history of per-step RDP x steps, then its conversion to (epsilon, delta)
+    and the minimum over the orders, so the result is Opacus'
+    ``RDPAccountant.get_epsilon`` to the bit (tests/test_privacy.py), computed at
+    the orders that can hold the minimum only (``_spent``)."""
     if not history:
         return 0.0
     return _spent(history, delta)[0]
 
 
 def _spent(history: Sequence[tuple[float, float, int]], delta: float) -> tuple[float, float]:
-    """(epsilon, the optimal order) of a non-empty history (``epsilon_of``)."""
-    from opacus.accountants.analysis import rdp as analysis
+    """(epsilon, the optimal order) of a non-empty history: Opacus' ``get_privacy_spent``
+    over ``ALPHAS``, each order's epsilon computed as Opacus does, but only at the orders
+    whose lower bound (``_order_lower_bounds``, from ``_SKELETON`` and the orders around
+    its optimum) does not exceed an epsilon already computed: the minimum is among them.
+    The fractional orders cost most (at the large sampling rates of small nodes, the full
+    set takes ~0.1-0.5 s), and each new node size needs its own."""
+    alphas = np.asarray(ALPHAS, dtype=float)
+    orders = np.asarray(_SKELETON)
+    lower = _order_lower_bounds(orders, _rdp(history, orders), alphas)
+    if lower is None:
+        known = alphas  # no bound (an infinite RDP): every order
+    else:
+        best = int(np.nanargmin(_convert(lower, alphas, delta)))
+        orders = np.asarray(sorted(set(_SKELETON) | set(ALPHAS[max(0, best - 4) : best + 5])))
+        rdp = _rdp(history, orders)
+        eps = _convert(rdp, orders, delta)
+        upper = float(np.nanmin(eps)) if not np.isnan(eps).all() else math.inf
+        lower = _order_lower_bounds(orders, rdp, alphas)
+        if lower is None or not math.isfinite(upper):
+            known = alphas
+        else:  # an order whose lower bound exceeds a computed epsilon cannot hold the minimum
+            lower_eps = _convert(lower, alphas, delta)
+            slack = _SLACK * max(1.0, abs(upper))
+            known = alphas[np.isin(alphas, orders) | ~(lower_eps - _SLACK * np.maximum(1.0, np.abs(lower_eps)) > upper + slack)]
+    eps = _convert(_rdp(history, known), known, delta)
+    if np.isnan(eps).all():
+        return math.inf, math.nan  # as Opacus: no privacy
+    i = int(np.nanargmin(eps))
+    return float(eps[i]), float(known[i])
 
-    rdp = sum(np.asarray(_rdp_per_step(float(sigma), float(q))) * int(steps) for sigma, q, steps in history)
-    eps, best = analysis.get_privacy_spent(orders=ALPHAS, rdp=rdp, delta=delta)
-    return float(eps), float(best)
+
+# (noise multiplier, sample rate) -> {order: per-step RDP}, least recently used first.
+_PER_STEP: collections.OrderedDict[tuple[float, float], dict[float, float]] = collections.OrderedDict()
+_PER_STEP_MAX = 4096
 
 
-@functools.lru_cache(maxsize=4096)
-def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> tuple[float, ...]:
-    from opacus.accountants.analysis import rdp as analysis
+def _rdp(history: Sequence[tuple[float, float, int]], orders: np.ndarray) -> np.ndarray:
+    """The RDP of ``history`` at ``orders`` as Opacus sums it (its ``compute_rdp`` per
+    entry, times the steps, summed in order), each (noise, rate)'s per-step RDP at each
+    order computed once per process."""
+    total: Any = 0
+    for sigma, q, steps in history:
+        key = (float(sigma), float(q))
+        known = _PER_STEP.pop(key, None) or {}
+        _PER_STEP[key] = known  # most recently used last
+        if len(_PER_STEP) > _PER_STEP_MAX:
+            _PER_STEP.popitem(last=False)
+        missing = [float(o) for o in orders if float(o) not in known]
+        if missing:
+            from opacus.accountants.analysis import rdp as analysis
 
-    return tuple(analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=ALPHAS))
+            known.update(zip(missing, analysis.compute_rdp(q=key[1], noise_multiplier=key[0], steps=1, orders=missing), strict=True))
+        total = total + np.asarray([known[float(o)] for o in orders]) * int(steps)
+    return np.asarray(total, dtype=float)
 
 
 @dataclass

@@ -209,6 +209,31 @@ def test_epsilon_is_opacus_rdp_accountants_to_the_bit(history):
         assert privacy.epsilon_of(history, 1e-5) == acc.get_epsilon(delta=1e-5, alphas=privacy.ALPHAS)
 
 
+@pytest.mark.parametrize("slack", ["default", "every-order"])
+def test_epsilon_is_opacus_to_the_bit_for_random_histories(slack, monkeypatch):
+    # epsilon_of computes only the orders that can hold the minimum; with a huge slack, all of them.
+    from opacus.accountants import RDPAccountant
+
+    if slack != "default":
+        monkeypatch.setattr(privacy, "_SLACK", 1e6)
+    rng = np.random.default_rng(13)
+    for _ in range(25):
+        history = [
+            (
+                float(rng.choice([0.3, 0.55, 0.9, 1.4, 3.0, 12.0, 60.0]) * rng.uniform(0.9, 1.1)),
+                float(rng.choice([1e-3, 0.02, 0.24, 0.53, 0.9, 1.0])),
+                int(rng.integers(1, 1000)),
+            )
+            for _ in range(int(rng.integers(1, 4)))
+        ]
+        privacy._PER_STEP.clear()
+        acc = RDPAccountant()
+        acc.history = list(history)
+        expected = acc.get_epsilon(delta=1e-5, alphas=privacy.ALPHAS)
+        assert privacy.epsilon_of(history, 1e-5) == expected, history
+        assert privacy.epsilon_of(history, 1e-5) == expected, history  # again, from the per-step cache
+
+
 @pytest.mark.parametrize(("epsilon", "sample_rate", "steps"), [(3.0, 16 / 67, 6), (3.0, 512 / 22449, 24), (1.0, 64 / 800, 60), (0.5, 16 / 30, 6)])
 def test_noise_calibration_is_opacus_get_noise_multiplier_to_the_bit(epsilon, sample_rate, steps):
     # The search decides most comparisons from an upper bound; its result must stay Opacus'.
