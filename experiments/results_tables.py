@@ -187,6 +187,29 @@ def dp_dropout() -> None:
     print(f"{len(runs)} runs complete, {partial} incomplete; {_wall(name)}.\n")
 
 
+def dp_goal() -> None:
+    """experiments/sst2-dp-goal.toml: the issue's goal with as many rounds as fit 20 minutes,
+    dropout off, epsilon 3 and the non-private references of the same length."""
+    name = "sst2-dp-goal"
+    runs, partial = _complete(name)
+    print(f"### Aiming at the goal: as many rounds as fit 20 minutes, dropout off (ε = 3 and non-private, seed 0; `experiments/{name}.toml`)\n")
+    if runs:
+        minutes = _run_minutes(name)
+        _by_round(runs, minutes)
+        for split, goal in (("iid", 0.84), ("dirichlet", 0.80)):
+            dp = [r for r in runs if r.config["partition.method"] == split and r.config["dp.epsilon"]]
+            if dp:
+                best = max(dp, key=lambda r: r.final["accuracy"])
+                mins = minutes.get(os.path.basename(best.path), 0)
+                ok = best.final["accuracy"] >= goal and mins <= 20
+                print(
+                    f"- {split}: best ε = 3 run {best.config['strategy']} {best.final['accuracy']:.3f} in {mins:.1f} min "
+                    f"(goal ≥ {goal:.2f} in ≤ 20 min: {'reached' if ok else 'not reached'})"
+                )
+        print()
+    print(f"{len(runs)} runs complete, {partial} incomplete; {_wall(name)}.\n")
+
+
 def main_grid() -> None:
     runs, partial = _complete("sst2")
     reference, ref_partial = _complete("sst2-nonprivate")  # the non-private row: its own grid and rates
@@ -366,6 +389,7 @@ if __name__ == "__main__":
     dp_rates()
     dp_rounds()
     dp_dropout()
+    dp_goal()
     sweep()
     main_grid()
     for target in targets:
