@@ -63,6 +63,7 @@ def calibrate_noise(dp: DPConfig, sample_rate: float, total_steps: int) -> float
 _MAX_SIGMA = 1e6  # Opacus' bound on the search
 # Orders computed at every sigma besides those around the optimum: integer orders are cheap
 # (Opacus sums a finite binomial series), and lines through them bound every order between.
+# Each must be one of ALPHAS: the upper bound has to be one of Opacus' per-order values.
 _SKELETON = [2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 63.0, 128.0, 512.0]
 # Bounds decide a comparison only this far (relative) from its threshold: far above the
 # rounding of Opacus' series, so every decision is the one Opacus' exact epsilon gives.
@@ -102,7 +103,7 @@ def _noise_search(target: float, delta: float, sample_rate: float, steps: int) -
             per_order = _order_lower_bounds(orders, rdp, alphas)
             lower_eps = _convert(per_order, alphas, delta) if per_order is not None else None
             upper = float(np.nanmin(eps)) if not np.isnan(eps).all() else math.inf
-            if lower_eps is None:
+            if lower_eps is None or np.isnan(lower_eps).any():  # no bound for some order: none at all
                 state[sigma] = (-math.inf, upper, None)
             else:
                 best = int(np.nanargmin(lower_eps))  # the likely optimum: look around it next
@@ -135,6 +136,8 @@ def _noise_search(target: float, delta: float, sample_rate: float, steps: int) -
         state[sigma] = (eps, eps, None)
         return holds(eps)
 
+    if not math.inf > target:  # as Opacus: an infinite (or NaN) target skips both loops
+        return 10.0
     # Doubling: Opacus stops at the first sigma_high whose epsilon is <= target.
     sigma_low, sigma_high = 0.0, 10.0
     while True:
@@ -206,10 +209,11 @@ def _spent(history: Sequence[tuple[float, float, int]], delta: float) -> tuple[f
     alphas = np.asarray(ALPHAS, dtype=float)
     orders = np.asarray(_SKELETON)
     lower = _order_lower_bounds(orders, _rdp(history, orders), alphas)
-    if lower is None:
-        known = alphas  # no bound (an infinite RDP): every order
+    first = _convert(lower, alphas, delta) if lower is not None else None
+    if first is None or np.isnan(first).any():
+        known = alphas  # no bound (an infinite RDP, an invalid delta): every order
     else:
-        best = int(np.nanargmin(_convert(lower, alphas, delta)))
+        best = int(np.argmin(first))
         orders = np.asarray(sorted(set(_SKELETON) | set(ALPHAS[max(0, best - 4) : best + 5])))
         rdp = _rdp(history, orders)
         eps = _convert(rdp, orders, delta)

@@ -275,6 +275,22 @@ def test_noise_calibration_matches_opacus_whichever_way_a_comparison_is_decided(
     assert ours == theirs
 
 
+def test_the_bounds_edge_cases_behave_as_opacus():
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.utils import get_noise_multiplier
+
+    # The upper bound is a minimum over some of Opacus' own orders: the skeleton must be among them.
+    assert set(privacy._SKELETON) <= set(privacy.ALPHAS)
+    for delta in (0.0, -1.0):  # no epsilon can be formed: Opacus answers inf
+        acc = RDPAccountant()
+        acc.history = [(1.0, 0.1, 10)]
+        assert privacy.epsilon_of([(1.0, 0.1, 10)], delta) == acc.get_epsilon(delta=delta, alphas=privacy.ALPHAS) == math.inf
+    assert privacy.epsilon_of([(0.0, 0.1, 10)], 1e-5) == math.inf  # no noise
+    for target in (math.inf, math.nan):  # Opacus never enters its loops
+        theirs = get_noise_multiplier(target_epsilon=target, target_delta=1e-5, sample_rate=0.1, steps=10, accountant="rdp", alphas=privacy.ALPHAS)
+        assert privacy._noise_search(target, 1e-5, 0.1, 10) == theirs
+
+
 @pytest.mark.parametrize(("sigma", "sample_rate"), [(0.6, 0.3), (1.1, 0.02), (3.0, 0.9), (0.9, 1.0), (25.0, 0.5)])
 def test_the_order_lower_bounds_are_below_opacus_rdp_at_every_order(sigma, sample_rate):
     from opacus.accountants.analysis import rdp as analysis
