@@ -1,6 +1,6 @@
 """What one DP-SGD step computes that the same plain step does not (issue 13, item 1).
 
-    python benchmarks/dp_ops.py [--strategy lora|ffa-lora] [--batch-size 16] [--seq 64] [--top 20]
+    python benchmarks/dp_ops.py [--strategy lora|ffa-lora] [--batch-size 16] [--seq 64] [--top 20] [--timed-steps 7]
 
 Profiles one step of each (MiniLM with the strategy's adapters, the same weights and batch,
 denormals flushed as training does on CPU) with torch.profiler, groups the operators by name
@@ -98,8 +98,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--top", type=int, default=20, help="rows to print, largest extra time first")
+    ap.add_argument("--timed-steps", type=int, default=7, help="interleaved unprofiled steps per side (the median is printed)")
     args = ap.parse_args()
-    r = extra_ops(args.strategy, args.batch_size, args.seq)
+    r = extra_ops(args.strategy, args.batch_size, args.seq, args.timed_steps)
     print(f"{args.strategy}, MiniLM, batch {args.batch_size} x {args.seq} tokens: {r['hooked_tensors']} trainable tensors under Opacus' hooks")
     print(f"{'extra calls':>11}  {'extra ms (profiled)':>19}  operator  input shapes")
     for row in r["rows"][: args.top]:
@@ -107,7 +108,7 @@ def main() -> None:
     total = sum(row["extra_ms"] for row in r["rows"])
     print(f"all {len(r['rows'])} differing rows: {total:.1f} ms extra under the profiler")
     sec = r["seconds"]
-    print(f"unprofiled steps, median of 7 interleaved (batch {args.batch_size} x {args.seq}):")
+    print(f"unprofiled steps, median of {args.timed_steps} interleaved (batch {args.batch_size} x {args.seq}):")
     for k, v in sec.items():
         print(f"  {k:<34} {1000 * v:8.1f} ms   / plain {v / sec['plain']:.3f}   (+{1000 * (v - sec['plain']):.1f} ms)")
 
