@@ -295,7 +295,11 @@ def test_the_order_lower_bounds_are_below_opacus_rdp_at_every_order(sigma, sampl
         orders = np.asarray(known)
         rdp = np.asarray(analysis.compute_rdp(q=sample_rate, noise_multiplier=sigma, steps=7, orders=known))
         lower = privacy._order_lower_bounds(orders, rdp, alphas)
-        assert np.all(lower <= exact * (1 + 1e-12))
+        # With denormals flushed (training sets it for the process), Opacus' RDP at order 1024
+        # comes out NaN, an order its minimum then skips: compare where it is a number.
+        number = ~np.isnan(exact)
+        assert number.sum() >= len(alphas) - 1
+        assert np.all(lower[number] <= exact[number] * (1 + 1e-12))
         np.testing.assert_allclose(lower[np.isin(alphas, orders)], rdp, rtol=1e-12)  # exact where known
 
 
