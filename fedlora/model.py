@@ -278,19 +278,15 @@ def load_base(model: str, task: str, num_labels: int = 2, **kwargs) -> nn.Module
     return base
 
 
-def set_dropout(model: nn.Module, p: float) -> int:
+def set_dropout(model: nn.Module, p: float) -> None:
     """Set every dropout rate in ``model`` to ``p``: its ``nn.Dropout`` layers (BERT's
     attention reads its rate from one of them) and the float ``attention_dropout`` that
-    decoder attention layers (Llama's) pass to their kernel. Returns how many were set."""
-    count = 0
+    decoder attention layers (Llama's) pass to their kernel."""
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = p
-            count += 1
         if isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = p
-            count += 1
-    return count
 
 
 class MeanPooler(nn.Module):

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from fedlora import node
 from fedlora.config import ConfigError, parse_run_config
 from fedlora.model import build_model
 
@@ -50,3 +51,17 @@ def test_decoder_attention_dropout_is_set(tiny_llama_dir):
 def test_out_of_range_rates_are_refused(value):
     with pytest.raises(ConfigError, match="model-dropout"):
         parse_run_config({"model-dropout": value})
+
+
+def test_a_node_process_builds_a_new_model_when_only_the_dropout_changes(tiny_model_dir, task_dir, tmp_path):
+    # A process keeps one model per run settings; the dropout is one of them.
+    def runtime(rate):
+        run = parse_run_config({"model": tiny_model_dir, "dataset": task_dir, "cache-dir": str(tmp_path), "model-dropout": rate})
+        return node.get_runtime(run, {"partition-id": 0, "num-partitions": 2}, ("0", "1"), train_lora_a=False)
+
+    try:
+        assert set(_rates(runtime(0.5).model).values()) == {0.5}
+        assert set(_rates(runtime(0.0).model).values()) == {0.0}
+    finally:
+        node._MODELS.clear()
+        node._NODE_DATA.clear()
