@@ -80,17 +80,12 @@ def _noise_search(target: float, delta: float, sample_rate: float, steps: int) -
     ~2 ms each). So each sigma first gets two cheap bounds from a few orders
     (those around the likely optimum, and ``_SKELETON``): their minimum from
     above, and from below a bound for every order (``_order_lower_bounds``).
-    Where they leave a comparison open, the orders whose lower bound could be
-    the minimum are computed and the bounds tightened; only where that still
-    leaves it open is Opacus' exact epsilon computed. Every decision, hence the
-    result, is the one Opacus' exact epsilon gives (tests/test_privacy.py)."""
+    Where they leave a comparison open, Opacus' epsilon decides it (``_spent``:
+    computed at the orders that can hold the minimum). Every decision, hence
+    the result, is the one Opacus' exact epsilon gives (tests/test_privacy.py)."""
     alphas = np.asarray(ALPHAS, dtype=float)
     window: list[float] = []  # ALPHAS around the likely optimum, once a sigma has been bounded
-    state: dict[float, tuple[float, float, np.ndarray | None]] = {}  # sigma -> (lower, upper, per-order lower bounds)
-
-    def per_order_epsilon(sigma: float, orders: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        rdp = _rdp([(sigma, sample_rate, steps)], orders)
-        return rdp, _convert(rdp, orders, delta)
+    state: dict[float, tuple[float, float]] = {}  # sigma -> (lower, upper) bound of epsilon; equal once exact
 
     def widen(x: float) -> float:
         return _SLACK * max(1.0, abs(x)) if math.isfinite(x) else 0.0
@@ -99,41 +94,29 @@ def _noise_search(target: float, delta: float, sample_rate: float, steps: int) -
         nonlocal window
         if sigma not in state:
             orders = np.asarray(sorted(set(window) | set(_SKELETON)))
-            rdp, eps = per_order_epsilon(sigma, orders)
+            rdp = _rdp([(sigma, sample_rate, steps)], orders)
+            eps = _convert(rdp, orders, delta)
             per_order = _order_lower_bounds(orders, rdp, alphas)
             lower_eps = _convert(per_order, alphas, delta) if per_order is not None else None
             upper = float(np.nanmin(eps)) if not np.isnan(eps).all() else math.inf
             if lower_eps is None or np.isnan(lower_eps).any():  # no bound for some order: none at all
-                state[sigma] = (-math.inf, upper, None)
+                state[sigma] = (-math.inf, upper)
             else:
-                best = int(np.nanargmin(lower_eps))  # the likely optimum: look around it next
+                best = int(np.argmin(lower_eps))  # the likely optimum: look around it next
                 window = [float(a) for a in ALPHAS[max(0, best - 4) : best + 5]]
-                state[sigma] = (float(np.nanmin(lower_eps)), upper, lower_eps)
-        lower, upper, _ = state[sigma]
-        return lower - widen(lower), upper + widen(upper)
-
-    def tighten(sigma: float) -> tuple[float, float]:
-        """Compute the orders whose lower bound is below the upper bound: the minimum is among them."""
-        lower, upper, lower_eps = state[sigma]
-        if lower_eps is None:
-            return bounds(sigma)
-        open_ = lower_eps - np.array([widen(v) for v in lower_eps]) <= upper + widen(upper)
-        _, eps = per_order_epsilon(sigma, alphas[open_])
-        upper = min(upper, float(np.nanmin(eps))) if not np.isnan(eps).all() else upper
-        rest = lower_eps[~open_]
-        lower = min(float(np.nanmin(eps)) if not np.isnan(eps).all() else math.inf, float(rest.min()) if len(rest) else math.inf)
-        state[sigma] = (lower, upper, None)
+                state[sigma] = (float(lower_eps[best]), upper)
+        lower, upper = state[sigma]
         return lower - widen(lower), upper + widen(upper)
 
     def decide(sigma: float, holds) -> bool:
-        """``holds(epsilon)`` at sigma, for a ``holds`` monotone in epsilon: from bounds
-        where it is the same at both ends, else from Opacus' exact epsilon."""
-        for refine in (bounds, tighten):
-            lower, upper = refine(sigma)
-            if holds(lower) == holds(upper):
-                return holds(upper)
+        """``holds(epsilon)`` at sigma, for a ``holds`` monotone in epsilon: from the bounds
+        where it is the same at both ends, else from Opacus' epsilon (``_spent``, which
+        reuses the orders already computed)."""
+        lower, upper = bounds(sigma)
+        if holds(lower) == holds(upper):
+            return holds(upper)
         eps = _spent([(sigma, sample_rate, steps)], delta)[0]
-        state[sigma] = (eps, eps, None)
+        state[sigma] = (eps, eps)
         return holds(eps)
 
     if not math.inf > target:  # as Opacus: an infinite (or NaN) target skips both loops
