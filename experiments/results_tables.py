@@ -210,6 +210,30 @@ def dp_goal() -> None:
     print(f"{len(runs)} runs complete, {partial} incomplete; {_wall(name)}.\n")
 
 
+def dp_schedule() -> None:
+    """experiments/sst2-dp-schedule.toml: the goal runs with a cosine learning-rate decay, their
+    shape without noise, and more seeds of the Dirichlet FFA-LoRA run that met its goal."""
+    name = "sst2-dp-schedule"
+    runs, partial = _complete(name)
+    print(f"### A decaying learning rate, the goal's shape without noise, more Dirichlet seeds (`experiments/{name}.toml`)\n")
+    if runs:
+        minutes = _run_minutes(name)
+        print("| split | ε | strategy | schedule | seed | rounds × steps × batch | accuracy by round (0 = initial) | final | best (round) | ε spent | minutes |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        order = {"iid": 0, "dirichlet": 1}
+        for r in sorted(runs, key=lambda r: (order.get(r.config["partition.method"], 2), r.config["strategy"], -r.config["dp.epsilon"] or 9, r.config["lr-schedule"], r.config["seed"])):
+            c = r.config
+            curve = " → ".join(f"{x['accuracy']:.3f}" for x in r.rows)
+            best = max(r.rows[1:], key=lambda x: x["accuracy"])
+            print(
+                f"| {c['partition.method']} | {_eps(c['dp.epsilon'])} | {c['strategy']} | {c['lr-schedule']} {c['learning-rate']:g} | {c['seed']} | "
+                f"{c['num-server-rounds']} × {c['local-steps']} × {c['batch-size']} | {curve} | {r.final['accuracy']:.3f} | "
+                f"{best['accuracy']:.3f} ({best['round']}) | {r.final['epsilon']:.3f} | {minutes.get(os.path.basename(r.path), 0):.1f} |"
+            )
+        print()
+    print(f"{len(runs)} runs complete, {partial} incomplete; {_wall(name)}.\n")
+
+
 def main_grid() -> None:
     runs, partial = _complete("sst2")
     reference, ref_partial = _complete("sst2-nonprivate")  # the non-private row: its own grid and rates
@@ -390,6 +414,7 @@ if __name__ == "__main__":
     dp_rounds()
     dp_dropout()
     dp_goal()
+    dp_schedule()
     sweep()
     main_grid()
     for target in targets:
