@@ -11,10 +11,12 @@ DP-SGD with Poisson sampling.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import json
 import math
 import os
+import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -51,7 +53,8 @@ def calibrate_noise(dp: DPConfig, sample_rate: float, total_steps: int) -> float
     ``get_noise_multiplier`` (its search, its result to the bit; tests/test_privacy.py),
     deciding most of its comparisons from a cheaper upper bound (``_noise_search``)."""
     try:
-        return _noise_search(dp.epsilon, dp.delta, sample_rate, total_steps)
+        with _ieee_floats():
+            return _noise_search(dp.epsilon, dp.delta, sample_rate, total_steps)
     except ValueError as e:  # as Opacus: "The privacy budget is too low."
         raise ConfigError(
             "dp.epsilon",
@@ -179,7 +182,28 @@ def epsilon_of(history: list[tuple[float, float, int]], delta: float) -> float:
     the orders that can hold the minimum only (``_spent``)."""
     if not history:
         return 0.0
-    return _spent(history, delta)[0]
+    with _ieee_floats():
+        return _spent(history, delta)[0]
+
+
+@contextlib.contextmanager
+def _ieee_floats():
+    """Compute with denormal floats on the calling thread, whatever training left set.
+
+    Training flushes denormals to zero for the rest of the process (``training.flush_denormals``),
+    and under that flag Opacus' RDP at the largest orders comes out NaN (its terms underflow
+    through the denormal range), so the minimum over the orders skipped them: a process that
+    had trained reported a larger epsilon (or noise) than one that had not where such an order
+    was optimal (tiny epsilons). The accountant's numpy runs on the calling thread, so switching
+    the flag off there for the call (and back on after) makes every result the IEEE one."""
+    flushing = sys.float_info.min * 0.5 == 0.0  # a denormal result comes out 0 only when flushing
+    if flushing:
+        torch.set_flush_denormal(False)
+    try:
+        yield
+    finally:
+        if flushing:
+            torch.set_flush_denormal(True)
 
 
 def _spent(history: Sequence[tuple[float, float, int]], delta: float) -> tuple[float, float]:

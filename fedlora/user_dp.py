@@ -46,7 +46,7 @@ from flwr.serverapp.strategy import (
 
 from . import validation
 from .config import USER_DP_MODES, ConfigError
-from .privacy import ALPHAS, secure_gaussian
+from .privacy import epsilon_of, secure_gaussian
 
 log = logging.getLogger("fedlora")
 
@@ -56,14 +56,11 @@ UNIT_WEIGHT = "unit-weight"
 
 
 def user_epsilon(noise_multiplier: float, rounds: int, delta: float, sample_rate: float = 1.0) -> float:
-    """Epsilon after ``rounds`` Gaussian releases of multiplier z, by Opacus' RDP accountant."""
-    from opacus.accountants import RDPAccountant
-
+    """Epsilon after ``rounds`` Gaussian releases of multiplier z, by Opacus' RDP accountant
+    (``privacy.epsilon_of``: its result to the bit)."""
     if rounds <= 0:
         return 0.0
-    acc = RDPAccountant()
-    acc.history = [(noise_multiplier, sample_rate, rounds)]
-    return float(acc.get_epsilon(delta=delta, alphas=ALPHAS))
+    return epsilon_of([(noise_multiplier, sample_rate, rounds)], delta)
 
 
 def client_mod(msg: Message, context, call_next) -> Message:
