@@ -218,10 +218,16 @@ def dp_schedule() -> None:
     print(f"### A decaying learning rate, the goal's shape without noise, more Dirichlet seeds (`experiments/{name}.toml`)\n")
     if runs:
         minutes = _run_minutes(name)
-        print("| split | ε | strategy | schedule | seed | rounds × steps × batch | accuracy by round (0 = initial) | final | best (round) | ε spent | minutes |")
+        print(
+            "| split | ε | strategy | schedule | seed | rounds × steps × batch | accuracy by round (0 = initial) | final | best (round) | ε spent | minutes |"
+        )
         print("|---|---|---|---|---|---|---|---|---|---|---|")
-        order = {"iid": 0, "dirichlet": 1}
-        for r in sorted(runs, key=lambda r: (order.get(r.config["partition.method"], 2), r.config["strategy"], -r.config["dp.epsilon"] or 9, r.config["lr-schedule"], r.config["seed"])):
+
+        def key(r: Run) -> tuple:
+            c = r.config
+            return c["partition.method"] != "iid", c["strategy"], -c["dp.epsilon"] or 9, c["lr-schedule"], c["seed"]
+
+        for r in sorted(runs, key=key):
             c = r.config
             curve = " → ".join(f"{x['accuracy']:.3f}" for x in r.rows)
             best = max(r.rows[1:], key=lambda x: x["accuracy"])
