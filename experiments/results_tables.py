@@ -210,22 +210,21 @@ def dp_goal() -> None:
     print(f"{len(runs)} runs complete, {partial} incomplete; {_wall(name)}.\n")
 
 
-def dp_schedule() -> None:
-    """experiments/sst2-dp-schedule.toml: the goal runs with a cosine learning-rate decay, their
-    shape without noise, and more seeds of the Dirichlet FFA-LoRA run that met its goal."""
-    name = "sst2-dp-schedule"
+def _run_table(name: str, title: str) -> None:
+    """One row per run of a grid whose runs differ in several settings: each run's curve,
+    final and best accuracy, epsilon and minutes."""
     runs, partial = _complete(name)
-    print(f"### A decaying learning rate, the goal's shape without noise, more Dirichlet seeds (`experiments/{name}.toml`)\n")
+    print(f"### {title} (`experiments/{name}.toml`)\n")
     if runs:
         minutes = _run_minutes(name)
         print(
-            "| split | ε | strategy | schedule | seed | rounds × steps × batch | accuracy by round (0 = initial) | final | best (round) | ε spent | minutes |"
+            "| split | ε | strategy | schedule | seed | max-length | rounds × steps × batch | accuracy by round (0 = initial) | final | best (round) | ε spent | minutes |"
         )
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 
         def key(r: Run) -> tuple:
             c = r.config
-            return c["partition.method"] != "iid", c["strategy"], -c["dp.epsilon"] or 9, c["lr-schedule"], c["seed"]
+            return c["partition.method"] != "iid", c["strategy"], -c["dp.epsilon"] or 9, c["lr-schedule"], c["max-length"], c["seed"]
 
         for r in sorted(runs, key=key):
             c = r.config
@@ -233,11 +232,22 @@ def dp_schedule() -> None:
             best = max(r.rows[1:], key=lambda x: x["accuracy"])
             print(
                 f"| {c['partition.method']} | {_eps(c['dp.epsilon'])} | {c['strategy']} | {c['lr-schedule']} {c['learning-rate']:g} | {c['seed']} | "
-                f"{c['num-server-rounds']} × {c['local-steps']} × {c['batch-size']} | {curve} | {r.final['accuracy']:.3f} | "
+                f"{c['max-length']} | {c['num-server-rounds']} × {c['local-steps']} × {c['batch-size']} | {curve} | {r.final['accuracy']:.3f} | "
                 f"{best['accuracy']:.3f} ({best['round']}) | {r.final['epsilon']:.3f} | {minutes.get(os.path.basename(r.path), 0):.1f} |"
             )
         print()
     print(f"{len(runs)} runs complete, {partial} incomplete; {_wall(name)}.\n")
+
+
+def dp_schedule() -> None:
+    """experiments/sst2-dp-schedule.toml: the goal runs with a cosine learning-rate decay, their
+    shape without noise, and more seeds of the Dirichlet FFA-LoRA run that met its goal."""
+    _run_table("sst2-dp-schedule", "A decaying learning rate, the goal's shape without noise, more Dirichlet seeds")
+
+
+def dp_reach() -> None:
+    """experiments/sst2-dp-reach.toml: the best IID run with whole validation sentences (max-length 64)."""
+    _run_table("sst2-dp-reach", "Whole sentences: max-length 64 instead of 32")
 
 
 def main_grid() -> None:
@@ -421,6 +431,7 @@ if __name__ == "__main__":
     dp_dropout()
     dp_goal()
     dp_schedule()
+    dp_reach()
     sweep()
     main_grid()
     for target in targets:
