@@ -223,3 +223,73 @@ dataset = ["{tmp_path / "missing"}", "{task_dir}"]
     assert "FAILED dataset=" in out.stderr and "1/2 runs complete" in out.stdout
     statuses = [r["status"] for r in _rows(tmp_path / "grid" / "grid-log.jsonl")]
     assert statuses[0].startswith("failed") and statuses[1] == "done"
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (Linux /proc)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+    return [d for c in children for d in (c, *_descendants(c))]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads the process tree from Linux /proc")
+def test_sigterm_stops_the_run_it_started_and_logs_it(tmp_path, task_dir, tiny_model_dir):
+    """A scheduler's or `kill`'s SIGTERM to `fedlora compare` alone ends the run's
+    subprocess and everything under it (Ray), instead of leaving it writing the run
+    folder that the next `fedlora compare` resumes; the stop is logged."""
+    grid = _grid_file(
+        tmp_path,
+        f"""
+output-dir = "{tmp_path / "grid"}"
+[base]
+dataset = "{task_dir}"
+model = "{tiny_model_dir}"
+cache-dir = "{tmp_path / "cache"}"
+num-partitions = 2
+num-server-rounds = 200
+local-steps = 2
+batch-size = 16
+""",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedlora.tools.cli", "compare", grid],
+        cwd=tmp_path,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    run = tmp_path / "grid" / "run"
+    deadline = time.monotonic() + 300
+    try:
+        while not (run / "checkpoint.json").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        below = _descendants(proc.pid)
+        assert below, "the run's subprocess should be running"
+        proc.send_signal(signal.SIGTERM)  # to the grid process only, not its group
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, out + err
+    assert "stopped; the same command resumes" in err
+    time.sleep(1.0)
+    assert [p for p in below if _alive(p)] == []
+    log = _rows(tmp_path / "grid" / "grid-log.jsonl")
+    assert [(r["run"], r["status"]) for r in log] == [("run", "stopped")] and log[0]["wall_seconds"] > 0
+    assert not (run / "result.json").exists()
+    listing = _compare(grid, "--dry-run", cwd=tmp_path)
+    assert "0 complete, 1 to run (1 resuming)" in listing.stdout, listing.stdout + listing.stderr

@@ -33,6 +33,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -51,6 +52,14 @@ SPEC = "grid-spec.json"  # the run's grid entry as written (unexpanded), saved w
 
 class GridError(ValueError):
     """A grid file or flag that cannot be run."""
+
+
+class GridStopped(Exception):
+    """The grid received SIGTERM (a scheduler, ``kill``, ``docker stop``)."""
+
+
+def _raise_stopped(signum, frame) -> None:
+    raise GridStopped
 
 
 @dataclass
@@ -274,26 +283,52 @@ def run_one(spec: RunSpec, run_dir: str, state: str, progress: Progress, index: 
         )
         with open(log_path) as tail:
             tail.seek(0, os.SEEK_END)
-            while proc.poll() is None:
-                time.sleep(1.0)
-                for line in tail.readlines():
-                    m = _STEP_LINE.search(line)
-                    if m:
-                        progress.local(m.group(1))
-                rows = [r for r in _rows(metrics) if r["round"] > 0]
-                for row in rows[seen:]:
-                    progress.round(row)
-                seen = max(seen, len(rows))
-                if timeout and time.monotonic() - start > timeout:
-                    proc.kill()
-                    proc.wait()
-                    return f"timed out after {timeout:.0f}s (see {log_path})", time.monotonic() - start
+            try:
+                while proc.poll() is None:
+                    time.sleep(1.0)
+                    for line in tail.readlines():
+                        m = _STEP_LINE.search(line)
+                        if m:
+                            progress.local(m.group(1))
+                    rows = [r for r in _rows(metrics) if r["round"] > 0]
+                    for row in rows[seen:]:
+                        progress.round(row)
+                    seen = max(seen, len(rows))
+                    if timeout and time.monotonic() - start > timeout:
+                        stop_run(proc, interrupt=True)
+                        return f"timed out after {timeout:.0f}s (see {log_path})", time.monotonic() - start
+            except KeyboardInterrupt:
+                stop_run(proc, interrupt=False)  # Ctrl-C reached the run too: let it wind down
+                raise
+            except BaseException:
+                stop_run(proc, interrupt=True)
+                raise
     seconds = time.monotonic() - start
     if proc.returncode != 0 or not os.path.isfile(os.path.join(run_dir, RESULT)):
         return f"failed (exit {proc.returncode}; see {log_path})", seconds
     with open(os.path.join(run_dir, SPEC), "w") as f:
         json.dump(spec.overrides, f, indent=2)
     return "done", seconds
+
+
+def stop_run(proc: subprocess.Popen, *, interrupt: bool, grace: float = 30.0) -> None:
+    """End a run's subprocess, and with it its Ray workers, when the grid stops or
+    times it out. Left running, it would go on writing the run folder that the
+    next ``fedlora compare`` resumes. SIGINT first (the simulation shuts Ray
+    down on it), SIGTERM after ``grace`` seconds, then SIGKILL. ``interrupt=False``:
+    the run got the SIGINT already (Ctrl-C reaches the whole process group), so
+    only wait for it."""
+    steps = ([signal.SIGINT] if interrupt else [None]) + [signal.SIGTERM, signal.SIGKILL]
+    for sig in steps:
+        if proc.poll() is not None:
+            return
+        if sig is not None:
+            proc.send_signal(sig)
+        try:
+            proc.wait(grace if sig != signal.SIGTERM else 10.0)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def select(specs: list[RunSpec], only: list[str]) -> list[RunSpec]:
@@ -305,6 +340,12 @@ def select(specs: list[RunSpec], only: list[str]) -> list[RunSpec]:
         key, wanted = key.strip(), parse_value(value.strip())
         specs = [s for s in specs if s.overrides.get(key, GRID_DEFAULTS[key]) == wanted]
     return specs
+
+
+def _log_run(log_path: str, name: str, status: str, seconds: float, resumed: bool) -> None:
+    row = {"run": name, "status": status, "wall_seconds": round(seconds, 1), "resumed": resumed, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    with open(log_path, "a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def run_grid(grid: Grid, *, dry_run: bool = False, timeout: float | None = None, only: list[str] = ()) -> int:
@@ -326,20 +367,14 @@ def run_grid(grid: Grid, *, dry_run: bool = False, timeout: float | None = None,
     log_path = os.path.join(out, "grid-log.jsonl")
     try:
         for i, spec in enumerate(todo, start=len(specs) - len(todo) + 1):
-            status, seconds = run_one(spec, os.path.join(out, spec.name), states[spec.name], progress, i, timeout)
-            with open(log_path, "a") as f:
-                f.write(
-                    json.dumps(
-                        {
-                            "run": spec.name,
-                            "status": status,
-                            "wall_seconds": round(seconds, 1),
-                            "resumed": states[spec.name] == "partial",
-                            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                        }
-                    )
-                    + "\n"
-                )
+            started = time.monotonic()
+            try:
+                status, seconds = run_one(spec, os.path.join(out, spec.name), states[spec.name], progress, i, timeout)
+            except (KeyboardInterrupt, GridStopped):
+                # Logged so that the run's minutes (summed over the log) include this part.
+                _log_run(log_path, spec.name, "stopped", time.monotonic() - started, states[spec.name] == "partial")
+                raise
+            _log_run(log_path, spec.name, status, seconds, states[spec.name] == "partial")
             progress.end_run(status, spec.name, seconds)
             if status != "done":
                 failures.append((spec.name, status))
@@ -362,9 +397,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    previous = signal.signal(signal.SIGTERM, _raise_stopped)
     try:
         grid = load_grid(args.grid_file, args.set, args.grid, args.output_dir)
         return run_grid(grid, dry_run=args.dry_run, timeout=args.timeout, only=args.only)
     except (GridError, OSError, tomllib.TOMLDecodeError) as e:
         print(f"fedlora compare: {e}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, GridStopped) as e:
+        print("fedlora compare: stopped; the same command resumes the grid from each run's last checkpoint", file=sys.stderr)
+        return 130 if isinstance(e, KeyboardInterrupt) else 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
