@@ -101,6 +101,21 @@ def test_yaml_grid(tmp_path):
     assert [s.name for s in expand(load_grid(str(path)))] == ["strategy=lora", "strategy=ffa-lora"]
 
 
+def _tiny_grid(tmp_path, task_dir, tiny_model_dir, rest: str) -> str:
+    """A grid of tiny runs (2 nodes, the tiny model and task) in ``tmp_path``; ``rest``
+    continues its ``[base]`` table."""
+    base = f"""
+output-dir = "{tmp_path / "grid"}"
+[base]
+dataset = "{task_dir}"
+model = "{tiny_model_dir}"
+cache-dir = "{tmp_path / "cache"}"
+num-partitions = 2
+batch-size = 16
+"""
+    return _grid_file(tmp_path, base + rest)
+
+
 def _compare(*args, cwd, timeout=900):
     return subprocess.run([sys.executable, "-m", "fedlora.tools.cli", "compare", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
@@ -111,18 +126,13 @@ def _rows(path):
 
 @pytest.mark.slow
 def test_grid_runs_skips_resumes_and_refuses_changed_config(tmp_path, task_dir, tiny_model_dir):
-    grid = _grid_file(
+    grid = _tiny_grid(
         tmp_path,
-        f"""
-output-dir = "{tmp_path / "grid"}"
-[base]
-dataset = "{task_dir}"
-model = "{tiny_model_dir}"
-cache-dir = "{tmp_path / "cache"}"
-num-partitions = 2
+        task_dir,
+        tiny_model_dir,
+        """
 num-server-rounds = 3
 local-steps = 4
-batch-size = 16
 learning-rate = 0.5
 [grid]
 strategy = ["lora", "ffa-lora"]
@@ -249,20 +259,7 @@ def test_sigterm_stops_the_run_it_started_and_logs_it(tmp_path, task_dir, tiny_m
     """A scheduler's or `kill`'s SIGTERM to `fedlora compare` alone ends the run's
     subprocess and everything under it (Ray), instead of leaving it writing the run
     folder that the next `fedlora compare` resumes; the stop is logged."""
-    grid = _grid_file(
-        tmp_path,
-        f"""
-output-dir = "{tmp_path / "grid"}"
-[base]
-dataset = "{task_dir}"
-model = "{tiny_model_dir}"
-cache-dir = "{tmp_path / "cache"}"
-num-partitions = 2
-num-server-rounds = 200
-local-steps = 2
-batch-size = 16
-""",
-    )
+    grid = _tiny_grid(tmp_path, task_dir, tiny_model_dir, "num-server-rounds = 200\nlocal-steps = 2\n")
     proc = subprocess.Popen(
         [sys.executable, "-m", "fedlora.tools.cli", "compare", grid],
         cwd=tmp_path,
