@@ -218,13 +218,13 @@ def _run_table(name: str, title: str) -> None:
     if runs:
         minutes = _run_minutes(name)
         print(
-            "| split | ε | strategy | schedule | seed | max-length | rounds × steps × batch | accuracy by round (0 = initial) | final | best (round) | ε spent | minutes |"
+            "| split | ε | strategy | schedule | seed | max-length | precision | rounds × steps × batch | accuracy by round (0 = initial) | final | best (round) | ε spent | minutes |"
         )
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
         def key(r: Run) -> tuple:
             c = r.config
-            return c["partition.method"] != "iid", c["strategy"], -c["dp.epsilon"] or 9, c["lr-schedule"], c["max-length"], c["seed"]
+            return c["partition.method"] != "iid", c["strategy"], -c["dp.epsilon"] or 9, c["lr-schedule"], c["max-length"], c["precision"], c["seed"]
 
         for r in sorted(runs, key=key):
             c = r.config
@@ -232,7 +232,7 @@ def _run_table(name: str, title: str) -> None:
             best = max(r.rows[1:], key=lambda x: x["accuracy"])
             print(
                 f"| {c['partition.method']} | {_eps(c['dp.epsilon'])} | {c['strategy']} | {c['lr-schedule']} {c['learning-rate']:g} | {c['seed']} | "
-                f"{c['max-length']} | {c['num-server-rounds']} × {c['local-steps']} × {c['batch-size']} | {curve} | {r.final['accuracy']:.3f} | "
+                f"{c['max-length']} | {c['precision']} | {c['num-server-rounds']} × {c['local-steps']} × {c['batch-size']} | {curve} | {r.final['accuracy']:.3f} | "
                 f"{best['accuracy']:.3f} ({best['round']}) | {r.final['epsilon']:.3f} | {minutes.get(os.path.basename(r.path), 0):.1f} |"
             )
         print()
@@ -246,7 +246,8 @@ def dp_schedule() -> None:
 
 
 def dp_reach() -> None:
-    """experiments/sst2-dp-reach.toml: the best IID run with whole validation sentences (max-length 64)."""
+    """experiments/sst2-dp-reach.toml: the best IID run with whole validation sentences (max-length 64),
+    its noiseless twin, its frozen base in bfloat16, and more seeds."""
     _run_table("sst2-dp-reach", "Whole sentences: max-length 64 instead of 32")
 
 
