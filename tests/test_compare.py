@@ -120,6 +120,13 @@ def _compare(*args, cwd, timeout=900):
     return subprocess.run([sys.executable, "-m", "fedlora.tools.cli", "compare", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
+def _start_compare(grid: str, cwd, stderr) -> subprocess.Popen:
+    """`fedlora compare grid` in the background, in its own process group (to signal or kill)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedlora.tools.cli", "compare", grid], cwd=cwd, start_new_session=True, stdout=subprocess.PIPE, stderr=stderr, text=True
+    )
+
+
 def _rows(path):
     return [json.loads(line) for line in open(path)]
 
@@ -144,14 +151,7 @@ strategy = ["lora", "ffa-lora"]
     # node is still training would leave its ledger charged for an update never sent;
     # that node would then, rightly, run out of budget in the last round. So the
     # state is checked with the processes stopped, and only then killed.
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fedlora.tools.cli", "compare", grid],
-        cwd=tmp_path,
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = _start_compare(grid, tmp_path, stderr=subprocess.STDOUT)
     first = tmp_path / "grid" / "strategy=lora"
     cache = tmp_path / "cache"
 
@@ -260,14 +260,7 @@ def test_sigterm_stops_the_run_it_started_and_logs_it(tmp_path, task_dir, tiny_m
     subprocess and everything under it (Ray), instead of leaving it writing the run
     folder that the next `fedlora compare` resumes; the stop is logged."""
     grid = _tiny_grid(tmp_path, task_dir, tiny_model_dir, "num-server-rounds = 200\nlocal-steps = 2\n")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fedlora.tools.cli", "compare", grid],
-        cwd=tmp_path,
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _start_compare(grid, tmp_path, stderr=subprocess.PIPE)
     run = tmp_path / "grid" / "run"
     deadline = time.monotonic() + 300
     try:
