@@ -2,6 +2,8 @@
 runs go one subprocess at a time, complete runs are skipped, an interrupted
 grid resumes mid-run, and a changed grid does not silently reuse old results."""
 
+import contextlib
+import glob
 import json
 import os
 import signal
@@ -253,31 +255,49 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _group(pgid: int) -> list[int]:
+    """The live processes of process group ``pgid`` (Linux /proc)."""
+    out = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            out.append(int(stat.split("/")[2]))
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads the process tree from Linux /proc")
-def test_sigterm_stops_the_run_it_started_and_logs_it(tmp_path, task_dir, tiny_model_dir):
-    """A scheduler's or `kill`'s SIGTERM to `fedlora compare` alone ends the run's
-    subprocess and everything under it (Ray), instead of leaving it writing the run
-    folder that the next `fedlora compare` resumes; the stop is logged."""
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_stopped_grid_ends_its_run_and_logs_it(tmp_path, task_dir, tiny_model_dir, sig, code):
+    """SIGTERM (a scheduler, `kill`) or SIGINT (Ctrl-C) to `fedlora compare` ends the
+    run's subprocess and every process it started (Ray's), instead of leaving them
+    writing the run folder that the next `fedlora compare` resumes; the stop is logged."""
     grid = _tiny_grid(tmp_path, task_dir, tiny_model_dir, "num-server-rounds = 200\nlocal-steps = 2\n")
     proc = _start_compare(grid, tmp_path, stderr=subprocess.PIPE)
     run = tmp_path / "grid" / "run"
     deadline = time.monotonic() + 300
+    below: list[int] = []
     try:
         while not (run / "checkpoint.json").exists():
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.2)
         below = _descendants(proc.pid)
         assert below, "the run's subprocess should be running"
-        proc.send_signal(signal.SIGTERM)  # to the grid process only, not its group
+        proc.send_signal(sig)  # to the grid process only, not its group
         out, err = proc.communicate(timeout=120)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 143, out + err
+        for pid in (proc.pid, *below):  # whatever a failure left behind
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+    assert proc.returncode == code, out + err
     assert "stopped; the same command resumes" in err
     time.sleep(1.0)
     assert [p for p in below if _alive(p)] == []
+    assert _group(below[0]) == []  # the run led its own group: Ray's agents were in it too
     log = _rows(tmp_path / "grid" / "grid-log.jsonl")
     assert [(r["run"], r["status"]) for r in log] == [("run", "stopped")] and log[0]["wall_seconds"] > 0
     assert not (run / "result.json").exists()

@@ -28,6 +28,7 @@ silent reuse.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -280,6 +281,7 @@ def run_one(spec: RunSpec, run_dir: str, state: str, progress: Progress, index: 
             [sys.executable, "-m", "fedlora.simulation", "--overrides", json.dumps(overrides)],
             stdout=log_file,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stop_run reaches its Ray processes
         )
         with open(log_path) as tail:
             tail.seek(0, os.SEEK_END)
@@ -295,13 +297,10 @@ def run_one(spec: RunSpec, run_dir: str, state: str, progress: Progress, index: 
                         progress.round(row)
                     seen = max(seen, len(rows))
                     if timeout and time.monotonic() - start > timeout:
-                        stop_run(proc, interrupt=True)
+                        stop_run(proc)
                         return f"timed out after {timeout:.0f}s (see {log_path})", time.monotonic() - start
-            except KeyboardInterrupt:
-                stop_run(proc, interrupt=False)  # Ctrl-C reached the run too: let it wind down
-                raise
-            except BaseException:
-                stop_run(proc, interrupt=True)
+            except BaseException:  # Ctrl-C or SIGTERM: the run, in its own group, got neither
+                stop_run(proc)
                 raise
     seconds = time.monotonic() - start
     if proc.returncode != 0 or not os.path.isfile(os.path.join(run_dir, RESULT)):
@@ -311,24 +310,36 @@ def run_one(spec: RunSpec, run_dir: str, state: str, progress: Progress, index: 
     return "done", seconds
 
 
-def stop_run(proc: subprocess.Popen, *, interrupt: bool, grace: float = 30.0) -> None:
-    """End a run's subprocess, and with it its Ray workers, when the grid stops or
-    times it out. Left running, it would go on writing the run folder that the
-    next ``fedlora compare`` resumes. SIGINT first (the simulation shuts Ray
-    down on it), SIGTERM after ``grace`` seconds, then SIGKILL. ``interrupt=False``:
-    the run got the SIGINT already (Ctrl-C reaches the whole process group), so
-    only wait for it."""
-    steps = ([signal.SIGINT] if interrupt else [None]) + [signal.SIGTERM, signal.SIGKILL]
-    for sig in steps:
+def stop_run(proc: subprocess.Popen, grace: float = 30.0) -> None:
+    """End a run's subprocess and every process it started (Ray's raylet, workers
+    and agents) when the grid stops or times it out. Left running, they would go
+    on writing the run folder that the next ``fedlora compare`` resumes. The run
+    leads its own process group (``run_one``), so its Ray processes share it:
+    SIGINT to the group first (the simulation shuts Ray down on it), SIGTERM after
+    ``grace`` seconds, then SIGKILL to whatever is left in the group."""
+    for sig, wait in ((signal.SIGINT, grace), (signal.SIGTERM, 10.0)):
         if proc.poll() is not None:
-            return
-        if sig is not None:
-            proc.send_signal(sig)
+            break
+        _signal_group(proc, sig)
         try:
-            proc.wait(grace if sig != signal.SIGTERM else 10.0)
-            return
+            proc.wait(wait)
+            break
         except subprocess.TimeoutExpired:
             continue
+    _signal_group(proc, signal.SIGKILL)  # Ray's agents can outlive the run's own process
+    proc.wait()
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    if os.name != "posix":  # no process groups: the run's own process only
+        if proc.poll() is None:
+            if sig == signal.SIGKILL:
+                proc.kill()
+            else:
+                proc.send_signal(sig)
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
 
 
 def select(specs: list[RunSpec], only: list[str]) -> list[RunSpec]:
