@@ -129,6 +129,17 @@ def _start_compare(grid: str, cwd, stderr) -> subprocess.Popen:
     )
 
 
+def _signal_grid(proc: subprocess.Popen, sig: int) -> None:
+    """``sig`` to the grid's process group and to its run's, which leads its own."""
+    groups = {proc.pid}
+    for pid in _descendants(proc.pid):
+        with contextlib.suppress(ProcessLookupError):
+            groups.add(os.getpgid(pid))
+    for group in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, sig)
+
+
 def _rows(path):
     return [json.loads(line) for line in open(path)]
 
@@ -176,12 +187,12 @@ strategy = ["lora", "ffa-lora"]
     while True:
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() is not None else "no checkpoint in time"
         if settled_in_round_2():
-            os.killpg(proc.pid, signal.SIGSTOP)
+            _signal_grid(proc, signal.SIGSTOP)
             if settled_in_round_2():  # still so with every process of the run stopped
                 break
-            os.killpg(proc.pid, signal.SIGCONT)
+            _signal_grid(proc, signal.SIGCONT)
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
+    _signal_grid(proc, signal.SIGKILL)
     proc.wait()
     assert not (first / "result.json").exists()
 

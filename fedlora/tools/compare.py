@@ -56,7 +56,7 @@ class GridError(ValueError):
 
 
 class GridStopped(Exception):
-    """The grid received SIGTERM (a scheduler, ``kill``, ``docker stop``)."""
+    """The grid received SIGTERM (a scheduler, ``kill``, ``docker stop``) or SIGHUP."""
 
 
 def _raise_stopped(signum, frame) -> None:
@@ -408,7 +408,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    previous = signal.signal(signal.SIGTERM, _raise_stopped)
+    # SIGHUP too (the terminal closed): the run leads its own process group, so only we can stop it.
+    previous = {sig: signal.signal(sig, _raise_stopped) for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if sig is not None}
     try:
         grid = load_grid(args.grid_file, args.set, args.grid, args.output_dir)
         return run_grid(grid, dry_run=args.dry_run, timeout=args.timeout, only=args.only)
@@ -419,4 +420,5 @@ def main(args: argparse.Namespace) -> int:
         print("fedlora compare: stopped; the same command resumes the grid from each run's last checkpoint", file=sys.stderr)
         return 130 if isinstance(e, KeyboardInterrupt) else 143
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
