@@ -4,6 +4,7 @@
                                [--data-dir DIR] [--model M] [--local-steps 2] [--batch-size 16]
                                [--eval-examples 256] [--cpus-per-client 2] [--timeout 1200]
                                [--set KEY=VALUE] [--json FILE] [--keep] [--skip-trivial] [--skip-fedlora]
+                               [--polling lean|flower|both]
 
 For each number N of simulated nodes, each run in a fresh process (its own
 Ray, FLWR_HOME, output and token cache in a temporary folder; one datasets
@@ -34,6 +35,11 @@ Per N it prints:
   every 0.5 s; PSS next to it, which counts shared pages once.
 Ratios: round time at N / at the smallest N (goal: about 1, independent of
 N), start-up / 30 s (goal <= 1), peak memory / 6 GiB (goal < 1).
+
+--polling: which loop hands the stored messages to the simulated nodes. ``lean``
+(fedlora.simulation's default, ``pending_nodes_loop``) asks only the nodes with a
+message waiting; ``flower`` is Flower's own loop, which asks every node every 0.1 s;
+``both`` runs every kind with each, and prints the ratios lean / Flower's side by side.
 """
 
 from __future__ import annotations
@@ -78,14 +84,14 @@ class Events:
             f.write(json.dumps({"event": name, "t": time.time(), "cpu": usage.ru_utime + usage.ru_stime, **fields}) + "\n")
 
 
-def _run_flower(server_app, client_app, num_nodes: int, app_config: dict[str, Any], cpus_per_client: int) -> None:
+def _run_flower(server_app, client_app, num_nodes: int, app_config: dict[str, Any], cpus_per_client: int, flower_polling: bool) -> None:
     """Flower's simulation exactly as ``fedlora.simulation.simulate`` runs it, for the trivial app."""
     sys.path.insert(0, ROOT)
     from fedlora.simulation import run_apps, write_pyproject
 
     with tempfile.TemporaryDirectory(prefix="scale-app-") as app_dir:
         write_pyproject(app_dir, "scale-trivial", ("scale:server", "scale:client"), app_config)
-        run_apps(server_app, client_app, num_nodes, app_dir, cpus_per_client, fab_id="fedlora/scale-trivial")
+        run_apps(server_app, client_app, num_nodes, app_dir, cpus_per_client, fab_id="fedlora/scale-trivial", flower_polling=flower_polling)
 
 
 def child_trivial(spec: dict[str, Any]) -> None:
@@ -126,7 +132,8 @@ def child_trivial(spec: dict[str, Any]) -> None:
                 arrays = new_arrays
             events("round-end", round=r, seconds=time.perf_counter() - start, sampled=len(messages), replies=sum(m.has_content() for m in replies))
 
-    _run_flower(server, client, spec["nodes"], {"nodes": spec["nodes"], "sampled": spec["sampled"], "rounds": spec["rounds"]}, spec["cpus_per_client"])
+    app_config = {"nodes": spec["nodes"], "sampled": spec["sampled"], "rounds": spec["rounds"]}
+    _run_flower(server, client, spec["nodes"], app_config, spec["cpus_per_client"], spec["flower_polling"])
     events("done")
 
 
@@ -171,7 +178,7 @@ def child_fedlora(spec: dict[str, Any]) -> None:
     experiment.Experiment.evaluate_round = timed_evaluate
     FedLoraStrategy.configure_train = timed_configure
     server_app.wait_for_nodes = timed_wait
-    simulate(spec["overrides"], num_supernodes=spec["nodes"], cpus_per_client=spec["cpus_per_client"])
+    simulate(spec["overrides"], num_supernodes=spec["nodes"], cpus_per_client=spec["cpus_per_client"], flower_polling=spec["flower_polling"])
     events("done")
 
 
@@ -507,15 +514,29 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
+FLOWER_POLLING = ", Flower's polling"  # the label suffix of the runs with Flower's own loop
+
+
 def report(clients: list[int], results: dict[str, dict[int, dict[str, Any]]], actors: int) -> None:
-    flower = {n: summarise(r, actors) for n, r in results.get("trivial", {}).items() if r["status"] == "done"}
-    for kind, by_n in results.items():
-        report_kind(kind, by_n, clients, actors, flower)
+    """One table per kind of run (``label``: trivial, iid or dirichlet, with
+    ``FLOWER_POLLING`` appended for Flower's loop); with both loops, their ratios."""
+    summaries = {label: {n: summarise(by_n[n], actors) if by_n.get(n, {}).get("status") == "done" else {} for n in clients} for label, by_n in results.items()}
+    for label, by_n in results.items():
+        suffix = FLOWER_POLLING if label.endswith(FLOWER_POLLING) else ""
+        report_kind(label, by_n, clients, actors, summaries[label], summaries.get("trivial" + suffix, {}))
+    pairs = [(label, label + FLOWER_POLLING) for label in results if label + FLOWER_POLLING in results]
+    if pairs:
+        rows = []
+        for lean, flower in pairs:
+            for key, what in (("seconds", "round s"), ("driver_cpu_s", "driver CPU s per round")):
+                rows.append((f"{lean}: {what}, lean / Flower's", [_ratio(summaries[lean][n].get(key), summaries[flower][n].get(key)) for n in clients], ""))
+        print_table("Lean polling against Flower's (measured side by side in this run)", clients, rows)
 
 
-def report_kind(kind: str, by_n: dict[int, dict[str, Any]], clients: list[int], actors: int, flower: dict[int, dict[str, Any]]) -> None:
-    # Per N: the summary and the raw result of a complete run; nothing for a failed one.
-    s = {n: summarise(by_n[n], actors) if by_n.get(n, {}).get("status") == "done" else {} for n in clients}
+def report_kind(
+    kind: str, by_n: dict[int, dict[str, Any]], clients: list[int], actors: int, s: dict[int, dict[str, Any]], flower: dict[int, dict[str, Any]]
+) -> None:
+    # s: per N, the summary of a complete run; nothing for a failed one.
     raw = {n: by_n[n] if s[n] else {} for n in clients}
     base = s[clients[0]].get("seconds")
 
@@ -523,7 +544,7 @@ def report_kind(kind: str, by_n: dict[int, dict[str, Any]], clients: list[int], 
         """``key`` per N, divided by ``over`` (none where either is missing)."""
         return [_ratio(src[n].get(key), over) for n in clients]
 
-    if kind == "trivial":
+    if kind.startswith("trivial"):
         rows = [
             ("start-up s (process start -> round 1 begins)", of("startup_s"), ""),
             ("start-up s, with Ray's actors (round 1 end - a round)", of("startup_actors_s"), ""),
@@ -535,7 +556,7 @@ def report_kind(kind: str, by_n: dict[int, dict[str, Any]], clients: list[int], 
             ("peak memory GiB, tree PSS", of("peak_pss_gib"), ""),
             ("wall s, whole process", of("wall_s"), ""),
         ]
-        print_table("Flower alone: trivial ClientApp, FedAvg, 4-value array", clients, rows)
+        print_table(f"Flower alone: trivial ClientApp, FedAvg, 4-value array{kind[len('trivial') :]}", clients, rows)
     else:
         flower_round = {n: flower.get(n, {}) for n in clients}
         rows = [
@@ -641,6 +662,12 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=1200.0, help="seconds after which one run is killed")
     ap.add_argument("--skip-trivial", action="store_true", help="skip Flower alone")
     ap.add_argument("--skip-fedlora", action="store_true", help="skip fedlora's runs")
+    ap.add_argument(
+        "--polling",
+        choices=("lean", "flower", "both"),
+        default="lean",
+        help="the loop that hands messages to the nodes: fedlora's (lean), Flower's, or both side by side",
+    )
     ap.add_argument("--json", help="also write every measurement to this file")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, run folders)")
     ap.add_argument("--child", choices=("trivial", "fedlora", "warm"), help=argparse.SUPPRESS)
@@ -672,6 +699,9 @@ def main() -> None:
             **{k.strip(): parse_value(v.strip()) for k, _, v in (s.partition("=") for s in args.set)},
         }
         kinds = ([] if args.skip_trivial else ["trivial"]) + ([] if args.skip_fedlora else ["iid"] + (["dirichlet"] if args.dirichlet else []))
+        loops = {"lean": [False], "flower": [True], "both": [False, True]}[args.polling]
+        # Each kind with each loop, one after the other at each N, so that the two are measured alike.
+        runs = [(kind, flower_polling) for kind in kinds for flower_polling in loops]
         print(f"machine: {machine()}")
         print(f"Ray: {actors} actor(s) of {min(args.cpus_per_client, cpus)} CPU(s); {args.sampled} nodes sampled per round, {args.rounds} rounds")
         if not args.skip_fedlora:
@@ -684,10 +714,12 @@ def main() -> None:
             warm = launch("warm", {"overrides": base, "datasets_cache": datasets_cache}, os.path.join(work, "warm"), args.timeout)
             if warm["status"] != "done":
                 sys.exit(1)
-        results: dict[str, dict[int, dict[str, Any]]] = {k: {} for k in kinds}
+        results: dict[str, dict[int, dict[str, Any]]] = {kind + (FLOWER_POLLING if fp else ""): {} for kind, fp in runs}
         for n in clients:
-            for kind in kinds:
+            for kind, flower_polling in runs:
+                label = kind + (FLOWER_POLLING if flower_polling else "")
                 spec: dict[str, Any] = {
+                    "flower_polling": flower_polling,
                     "nodes": n,
                     "sampled": args.sampled,
                     "rounds": args.rounds,
@@ -695,7 +727,7 @@ def main() -> None:
                     "datasets_cache": datasets_cache,
                 }
                 if kind != "trivial":
-                    folder = os.path.join(work, f"{kind[0]}{n}")
+                    folder = os.path.join(work, f"{kind[0]}{n}{'f' if flower_polling else ''}")
                     spec["overrides"] = {
                         **base,
                         "fraction-train": min(1.0, args.sampled / n),
@@ -707,10 +739,11 @@ def main() -> None:
                         "cache-dir": os.path.join(folder, "cache"),
                     }
                 else:
-                    folder = os.path.join(work, f"t{n}")
-                print(f"running {'Flower alone' if kind == 'trivial' else 'fedlora ' + kind}, N={n} ...", flush=True)
+                    folder = os.path.join(work, f"t{n}{'f' if flower_polling else ''}")
+                what = "Flower alone" if kind == "trivial" else "fedlora " + kind
+                print(f"running {what}{FLOWER_POLLING if flower_polling else ''}, N={n} ...", flush=True)
                 res = launch("trivial" if kind == "trivial" else "fedlora", spec, folder, args.timeout)
-                results[kind][n] = res
+                results[label][n] = res
                 print(
                     f"  {res['status']} in {res['wall_s']:.0f} s; start-up {_fmt(res.get('startup_s'), 1)} s, "
                     f"peak tree RSS {res['peak_rss_gib']:.2f} GiB ({res['peak_processes']} processes)",

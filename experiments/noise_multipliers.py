@@ -18,7 +18,7 @@ import math
 from fedlora.config import parse_run_config
 from fedlora.privacy import calibrate_noise
 
-SCHEDULES = [(64, 40), (512, 24), (512, 48), (256, 48), (128, 96), (512, 160), (1024, 80)]  # (expected batch, steps per client)
+SCHEDULES = [(64, 40), (512, 24), (512, 48), (256, 48), (128, 96), (512, 160), (1024, 80), (2048, 40)]  # (expected batch, steps per client)
 
 
 def main() -> None:

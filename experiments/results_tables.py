@@ -248,7 +248,7 @@ def dp_schedule() -> None:
 def dp_reach() -> None:
     """experiments/sst2-dp-reach.toml: the best IID run with whole validation sentences (max-length 64),
     its noiseless twin, its frozen base in bfloat16, and more seeds."""
-    _run_table("sst2-dp-reach", "Whole sentences: max-length 64 instead of 32, without noise, in bf16, with batches of 1024")
+    _run_table("sst2-dp-reach", "Whole sentences: max-length 64 instead of 32, without noise, in bf16, with batches of 1024, more seeds")
 
 
 def main_grid() -> None:

@@ -10,9 +10,11 @@ pyproject). The app directory handed to Flower is a temporary one whose
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,10 +61,65 @@ def write_app_dir(overrides: dict[str, Any], directory: str) -> dict[str, Any]:
     return config
 
 
-def run_apps(server_app, client_app, num_supernodes: int, app_dir: str, cpus_per_client: int = 2, fab_id: str = "fedlora/fedlora") -> None:
+def pending_nodes_loop(flower_loop: Callable[..., None]) -> Callable[..., None]:
+    """A stand-in for Flower's ``vce_api.add_messages_to_queue`` (``flower_loop``) that
+    asks the LinkState only for the nodes with an undelivered message.
+
+    Flower's loop calls ``state.get_message_ins`` for every node every 0.1 s, and each
+    call scans every stored message: at 1,000 nodes that is ~0.6 of a CPU all the time,
+    taken from the actors that train (docs/BENCHMARKS.md, ``benchmarks/scale.py``). This
+    one reads which nodes have a message waiting (one pass over the stored messages,
+    under the state's lock) and asks for those, in Flower's node order, one message each
+    per pass as Flower does. A LinkState without the in-memory store it reads gets
+    Flower's own loop.
+    """
+
+    def add_messages_to_queue(state: Any, queue: Any, nodes_mapping: dict[int, int], f_stop: Any) -> None:
+        store, lock = getattr(state, "message_ins_store", None), getattr(state, "lock", None)
+        if not isinstance(store, dict) or lock is None:
+            flower_loop(state, queue, nodes_mapping, f_stop)
+            return
+        while not f_stop.is_set():
+            with lock:
+                waiting = {m.metadata.dst_node_id for m in store.values() if m.metadata.delivered_at == ""}
+            if waiting:
+                for node_id in [n for n in nodes_mapping if n in waiting]:
+                    for msg in state.get_message_ins(node_id=node_id, limit=1):
+                        queue.put(msg)
+            f_stop.wait(0.1)
+
+    return add_messages_to_queue
+
+
+@contextlib.contextmanager
+def lean_polling(enabled: bool = True) -> Iterator[None]:
+    """Within the block, Flower's simulation loop asks only for the nodes with a message
+    waiting (``pending_nodes_loop``); Flower's own loop is back afterwards."""
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    flower_loop = vce_api.add_messages_to_queue
+    if enabled:
+        vce_api.add_messages_to_queue = pending_nodes_loop(flower_loop)
+    try:
+        yield
+    finally:
+        vce_api.add_messages_to_queue = flower_loop
+
+
+def run_apps(
+    server_app,
+    client_app,
+    num_supernodes: int,
+    app_dir: str,
+    cpus_per_client: int = 2,
+    fab_id: str = "fedlora/fedlora",
+    flower_polling: bool = False,
+) -> None:
     """Run ``server_app`` and ``client_app`` as an in-process Flower simulation of
     ``num_supernodes`` nodes; every context's run config is read from ``app_dir``'s
-    pyproject. Used by ``simulate`` and by ``benchmarks/scale.py`` (for a trivial app)."""
+    pyproject. Used by ``simulate`` and by ``benchmarks/scale.py`` (for a trivial app).
+    ``flower_polling`` keeps Flower's loop, which asks every node for messages every
+    0.1 s, instead of ``pending_nodes_loop`` (for the benchmark's side-by-side)."""
     from flwr.app import Context, RecordDict
     from flwr.common.config import get_fused_config_from_dir
     from flwr.common.constant import SUPERLINK_NODE_ID
@@ -93,24 +150,26 @@ def run_apps(server_app, client_app, num_supernodes: int, app_dir: str, cpus_per
         # No Ray dashboard: it costs CPU at every start and nothing here reads it.
         "init_args": {"num_cpus": cpus, "log_to_driver": True, "include_dashboard": False},
     }
-    _run_simulation(
-        num_supernodes=num_supernodes,
-        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-        client_app=client_app,
-        server_app=server_app,
-        backend_config=backend,
-        server_app_context=server_context,
-        app_dir=app_dir,
-        run=run,
-        is_app=True,
-    )
+    with lean_polling(not flower_polling):
+        _run_simulation(
+            num_supernodes=num_supernodes,
+            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+            client_app=client_app,
+            server_app=server_app,
+            backend_config=backend,
+            server_app_context=server_context,
+            app_dir=app_dir,
+            run=run,
+            is_app=True,
+        )
 
 
-def simulate(overrides: dict[str, Any] | None = None, num_supernodes: int | None = None, cpus_per_client: int = 2) -> None:
+def simulate(overrides: dict[str, Any] | None = None, num_supernodes: int | None = None, cpus_per_client: int = 2, flower_polling: bool = False) -> None:
     """Run one simulation in this process; raises what the ServerApp raises.
 
     ``overrides`` is a run config, plus optionally ``num-partitions``: the number
-    of simulated nodes (default 3) when ``num_supernodes`` is not given."""
+    of simulated nodes (default 3) when ``num_supernodes`` is not given; ``flower_polling``
+    as in ``run_apps``."""
     from .client_app import app as client_app
     from .server_app import app as server_app
 
@@ -119,7 +178,7 @@ def simulate(overrides: dict[str, Any] | None = None, num_supernodes: int | None
     nodes = overrides.pop(NODES_KEY, DEFAULT_NODES)
     with tempfile.TemporaryDirectory(prefix="fedlora-app-") as app_dir:
         write_app_dir(overrides, app_dir)
-        run_apps(server_app, client_app, num_supernodes or int(nodes), app_dir, cpus_per_client)
+        run_apps(server_app, client_app, num_supernodes or int(nodes), app_dir, cpus_per_client, flower_polling=flower_polling)
 
 
 def main(argv: list[str] | None = None) -> None:
