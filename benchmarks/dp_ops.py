@@ -25,6 +25,7 @@ import argparse
 import os
 import statistics
 import sys
+import time
 
 import torch
 
@@ -37,6 +38,28 @@ from speed import _batch, _trainable  # noqa: E402  (speed.py's synthetic batch,
 from fedlora import privacy, training  # noqa: E402
 from fedlora.config import parse_run_config  # noqa: E402
 from fedlora.model import build_model  # noqa: E402
+
+
+def _wrap(model, hooks: str, timer: list[float]):
+    """``privacy.wrap_model``; ``"output-einsum"``: its output-tensor hooks with Opacus' own
+    Linear sampler (one einsum) instead of ``privacy.linear_grad_sample``. With the output
+    hooks, the seconds spent in the Linear sampler are added to ``timer[0]``."""
+    if hooks == "module":
+        return privacy.wrap_model(model, hooks)
+    from opacus.grad_sample.linear import compute_linear_grad_sample
+
+    base = privacy._output_hooks_class()
+    sampler = compute_linear_grad_sample if hooks == "output-einsum" else privacy.linear_grad_sample
+
+    def timed(layer, activations, backprops):
+        start = time.perf_counter()
+        out = sampler(layer, activations, backprops)
+        timer[0] += time.perf_counter() - start
+        return out
+
+    cls = type("TimedLinear", (base,), {"GRAD_SAMPLERS": {**base.GRAD_SAMPLERS, torch.nn.Linear: timed}})
+    model.train()
+    return cls(model, batch_first=True, loss_reduction="mean")
 
 
 def _ops(model, enc, idx, opt) -> dict[tuple[str, str], tuple[int, float]]:
@@ -58,9 +81,10 @@ def extra_ops(strategy: str, batch_size: int, seq: int, timed_steps: int = 7) ->
     enc, idx = _batch(batch_size, seq), list(range(batch_size))
     plain = build_model(run, 2, train_lora_a=train_a)
     sides = {"plain": (plain, training.make_optimizer(_trainable(plain), run.train))}
-    hooked = 0
+    hooked, timers = 0, {}
     for name, noise, generator, hooks in (
         ("dp, no noise", 0.0, None, "output"),
+        ("dp, no noise, Opacus' Linear einsum", 0.0, None, "output-einsum"),
         ("dp, no noise, Opacus' module hooks", 0.0, None, "module"),
         ("dp, seeded noise", 1.0, torch.Generator().manual_seed(0), "output"),
         ("dp, secure noise", 1.0, None, "output"),
@@ -71,7 +95,8 @@ def extra_ops(strategy: str, batch_size: int, seq: int, timed_steps: int = 7) ->
         hooked = len(trainable)
         ledger = privacy.PrivacyLedger(3.0, 1e-5, noise_multiplier=noise, sample_rate=0.01, planned_steps=10**6)
         opt = privacy.dp_optimizer(training.make_optimizer(trainable, run.train), ledger, 1.0, batch_size, generator)
-        sides[name] = (privacy.wrap_model(private, hooks), opt)
+        timers[name] = [0.0]
+        sides[name] = (_wrap(private, hooks, timers[name]), opt)
     for m, o in sides.values():
         training.train(m, enc, [idx], o, 1)  # warm-up
     ops = {k: _ops(sides[k][0], enc, idx, sides[k][1]) for k in ("plain", "dp, no noise")}
@@ -83,13 +108,24 @@ def extra_ops(strategy: str, batch_size: int, seq: int, timed_steps: int = 7) ->
             rows.append({"op": key[0], "shapes": key[1], "extra_calls": c1 - c0, "extra_ms": t1 - t0})
     rows.sort(key=lambda r: -r["extra_ms"])
     times = {k: [] for k in sides}
-    for _ in range(timed_steps):  # interleaved, so machine noise hits all alike
-        for k, (m, o) in sides.items():
+    for t in timers.values():
+        t[0] = 0.0  # from here: the timed steps only
+    keys = list(sides)
+    for i in range(timed_steps):  # interleaved, so machine noise hits all alike
+        # Each step starts the round at the next side: where a side runs in the round
+        # changes its time (one run here timed the side right after the plain step slower).
+        for k in keys[i % len(keys) :] + keys[: i % len(keys)]:
+            m, o = sides[k]
             times[k].append(training.train(m, enc, [idx], o, 1).seconds)
     for k, (m, _) in sides.items():
         if k != "plain":
             m._close()
-    return {"rows": rows, "hooked_tensors": hooked, "seconds": {k: statistics.median(v) for k, v in times.items()}}
+    return {
+        "rows": rows,
+        "hooked_tensors": hooked,
+        "seconds": {k: statistics.median(v) for k, v in times.items()},
+        "linear_sampler_seconds": {k: t[0] / timed_steps for k, t in timers.items() if k in ("dp, no noise", "dp, no noise, Opacus' Linear einsum")},
+    }
 
 
 def main() -> None:
@@ -110,7 +146,13 @@ def main() -> None:
     sec = r["seconds"]
     print(f"unprofiled steps, median of {args.timed_steps} interleaved (batch {args.batch_size} x {args.seq}):")
     for k, v in sec.items():
-        print(f"  {k:<34} {1000 * v:8.1f} ms   / plain {v / sec['plain']:.3f}   (+{1000 * (v - sec['plain']):.1f} ms)")
+        print(f"  {k:<36} {1000 * v:8.1f} ms   / plain {v / sec['plain']:.3f}   (+{1000 * (v - sec['plain']):.1f} ms)")
+    lin = r["linear_sampler_seconds"]
+    ours, einsum = lin["dp, no noise"], lin["dp, no noise, Opacus' Linear einsum"]
+    print(
+        f"time inside the Linear per-sample gradient samplers, mean ms per step over the timed steps: "
+        f"fedlora's bmm {1000 * ours:.2f}, Opacus' einsum {1000 * einsum:.2f} (x{einsum / ours:.2f})"
+    )
 
 
 if __name__ == "__main__":

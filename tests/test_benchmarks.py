@@ -20,7 +20,7 @@ def test_accountant_benchmark_checks_our_figures_equal_opacus_and_prints_ratios(
     assert row[1] == "0.0200" and float(row[2]) > 0 and float(row[5]) > 0 and float(row[8]) > 0
 
 
-def test_dp_ops_benchmark_finds_one_norm_per_clipped_tensor_and_times_all_five_steps():
+def test_dp_ops_benchmark_finds_one_norm_per_clipped_tensor_and_times_all_six_steps():
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     try:
         import dp_ops
@@ -31,5 +31,15 @@ def test_dp_ops_benchmark_finds_one_norm_per_clipped_tensor_and_times_all_five_s
     norms = sum(row["extra_calls"] for row in r["rows"] if row["op"] == "aten::linalg_vector_norm")
     assert r["hooked_tensors"] == 14  # FFA-LoRA: B of 12 query/value targets, the head's weight and bias
     assert norms == r["hooked_tensors"] + 1
-    assert set(r["seconds"]) == {"plain", "dp, no noise", "dp, no noise, Opacus' module hooks", "dp, seeded noise", "dp, secure noise"}
+    assert set(r["seconds"]) == {
+        "plain",
+        "dp, no noise",
+        "dp, no noise, Opacus' Linear einsum",
+        "dp, no noise, Opacus' module hooks",
+        "dp, seeded noise",
+        "dp, secure noise",
+    }
     assert all(v > 0 for v in r["seconds"].values())
+    # Both Linear samplers ran (and were timed) in the timed steps.
+    assert set(r["linear_sampler_seconds"]) == {"dp, no noise", "dp, no noise, Opacus' Linear einsum"}
+    assert all(v > 0 for v in r["linear_sampler_seconds"].values())

@@ -77,6 +77,31 @@ def test_per_sample_gradients_equal_autograd(tiny_model_dir, train_lora_a):
     gsm._close()
 
 
+@pytest.mark.parametrize("d_in,d_out", [(8, 48), (48, 8), (16, 16)], ids=["wide-out", "wide-in", "square"])
+@pytest.mark.parametrize("shape", [(5,), (5, 7), (5, 3, 4)], ids=["2d", "3d", "4d"])
+def test_linear_grad_sample_equals_opacus_einsum(d_in, d_out, shape):
+    """fedlora's Linear sampler picks the faster matmul orientation; the per-sample
+    gradients (weight and bias, any number of token dimensions, activations cast to
+    the backprops' dtype) must be exactly what Opacus' einsum gives."""
+    from opacus import GradSampleModule
+    from opacus.grad_sample.linear import compute_linear_grad_sample
+
+    g = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(d_in, d_out)
+    x = torch.randn(*shape, d_in, generator=g).to(torch.bfloat16)
+    backprops = torch.randn(*shape, d_out, generator=g)
+    ours, theirs = privacy.linear_grad_sample(layer, [x], backprops), compute_linear_grad_sample(layer, [x], backprops)
+    assert set(ours) == set(theirs) == {layer.weight, layer.bias}
+    for p in theirs:
+        assert ours[p].shape == (shape[0], *p.shape)
+        torch.testing.assert_close(ours[p], theirs[p], rtol=1e-5, atol=1e-5)
+    layer.bias.requires_grad_(False)
+    assert set(privacy.linear_grad_sample(layer, [x], backprops)) == {layer.weight}
+    # Only fedlora's hooks class uses it: Opacus' own registry is unchanged.
+    assert GradSampleModule.GRAD_SAMPLERS[torch.nn.Linear] is compute_linear_grad_sample
+    assert privacy._output_hooks_class().GRAD_SAMPLERS[torch.nn.Linear] is privacy.linear_grad_sample
+
+
 @pytest.mark.parametrize("zero_noise", ["ledger", "none"], ids=["ledger-with-noise-0", "no-ledger"])
 def test_clipping_bounds_each_sample_and_matches_manual_dp_sgd(tiny_model_dir, zero_noise):
     model = _model(tiny_model_dir, train_lora_a=True)
