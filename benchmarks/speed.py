@@ -204,13 +204,13 @@ def upload_ratio() -> dict:
 
 
 def secure_noise_seconds(train_lora_a: bool, repeats: int = 20) -> tuple[int, float]:
-    """Per-step cost of deployments' secure noise (privacy.secure_gaussian), for a method's trainable tensors."""
+    """Per-step cost of deployments' secure noise (privacy.secure_gaussians, one draw for all of a
+    method's trainable tensors, as a DP step draws it)."""
     run = parse_run_config({"strategy": "lora" if train_lora_a else "ffa-lora"})
     shapes = [tuple(p.shape) for p in build_model(run, 2, train_lora_a=train_lora_a).parameters() if p.requires_grad]
     start = time.perf_counter()
     for _ in range(repeats):
-        for shape in shapes:
-            privacy.secure_gaussian(shape, 1.0)
+        privacy.secure_gaussians(shapes, 1.0)
     return sum(int(torch.Size(s).numel()) for s in shapes), (time.perf_counter() - start) / repeats
 
 

@@ -414,6 +414,25 @@ def test_secure_noise_for_deployments_has_the_calibrated_scale_and_is_not_reprod
     gsm._close()
 
 
+def test_secure_gaussians_split_one_draw_by_shape(monkeypatch):
+    """A DP step draws the secure noise of all its tensors at once: the parts have the
+    tensors' shapes, in order, and are consecutive slices of one secure_gaussian draw."""
+    calls = []
+    real = privacy.secure_gaussian
+
+    def counted(shape, std):
+        calls.append((shape, std))
+        return real(shape, std)
+
+    monkeypatch.setattr(privacy, "secure_gaussian", counted)
+    shapes = [(3, 4), (), (5,), (2, 1, 3)]
+    parts = privacy.secure_gaussians(shapes, 0.5)
+    assert calls == [((12 + 1 + 5 + 6,), 0.5)]
+    assert [tuple(p.shape) for p in parts] == shapes
+    flat = torch.cat([p.flatten() for p in parts])
+    assert flat.dtype == torch.float32 and flat.unique().numel() == flat.numel()
+
+
 def test_secure_gaussian_is_gaussian_with_the_requested_scale():
     z = privacy.secure_gaussian((400_000,), 2.0).double()
     # Standard errors at n = 400k: mean 0.003, std 0.002, kurtosis 0.008; bounds are >= 8 of them.
