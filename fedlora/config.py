@@ -547,6 +547,16 @@ class EvalConfig:
         "evaluate on the first N examples of the evaluation split (a fixed subset, the same every round); 0 = all",
         ge=0,
     )
+    ema_decay: float = option(
+        "eval.ema-decay",
+        0.0,
+        "also evaluate, each round, an exponential moving average over rounds of the global adapter "
+        "(this weight on the average so far, the rest on the round's model; it starts at round 1's model), "
+        "reported as `ema_accuracy` / `ema_loss` and saved as `adapter-ema`; post-processing of what the "
+        "server holds anyway, so no privacy cost; 0 = off",
+        ge=0,
+        le=0.999,
+    )
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from importlib import metadata
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, MetricRecord
+from flwr.app import Array, ArrayRecord, MetricRecord
 
 from . import data as data_mod
 from . import devices, validation, wire
@@ -107,6 +107,7 @@ class Experiment:
         self.initial_arrays = wire.to_arrays(self.model, wire.global_names(self.model, ex))
         self.fingerprint = wire.fingerprint(self.model, ex)
         self.final_arrays = self.initial_arrays
+        self.ema: ArrayRecord | None = None  # the moving average over rounds (eval.ema-decay)
         self.strategy: FedLoraStrategy | None = None
 
         self.start_round = 1  # the first round this process runs
@@ -235,13 +236,14 @@ class Experiment:
         last_round, arrays, self.resumed_spent, self.resumed_state = folder.read_checkpoint()
         self.folder, self.run_key = folder, config["run-key"]
         self.initial_arrays = self.final_arrays = arrays
+        self.ema = folder.read_ema() if self.run.eval.ema_decay > 0 else None
         self.start_round = last_round + 1
 
     def checkpoint(self, server_round: int) -> None:
         """Global adapter, round and strategy state, written atomically after each round."""
         spent = self.strategy.spent if self.strategy else {}
         state = self.strategy.state() if self.strategy else {}
-        self.folder.write_checkpoint(server_round, self.final_arrays, spent, state)
+        self.folder.write_checkpoint(server_round, self.final_arrays, spent, state, ema=self.ema)
 
     def client_config(self) -> dict[str, Any]:
         """Sent with every message: what a node needs that its own run config cannot tell it."""
@@ -285,19 +287,41 @@ class Experiment:
         self.strategy.load_state(self.resumed_state)
         return self.strategy
 
-    def evaluate_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        """Centralised evaluation of the global adapter; writes the round's metrics line."""
+    def _evaluate(self, arrays: ArrayRecord) -> dict[str, float]:
+        """The evaluation split's metrics for the global ``arrays`` (loaded into the model)."""
         wire.load_global(self.model, arrays, self.method.exchange)
-        self.final_arrays = arrays
         run = self.run
         precision = (lambda: devices.autocast(run.compute, self.device)) if run.compute.precision == "bf16" else None
-        measured = evaluate(
+        return evaluate(
             self.model, self.eval_data, run.train.eval_batch_size, precision=precision, generate=run.eval.generate, max_new_tokens=run.eval.max_new_tokens
         )
-        acc, loss = measured.get("accuracy"), measured["loss"]  # causal-lm without eval.generate: no accuracy
+
+    def update_ema(self, arrays: ArrayRecord) -> ArrayRecord:
+        """Fold a round's global ``arrays`` into the moving average (``eval.ema-decay``); the
+        first round's arrays start it. Each tensor is averaged on its own: for methods whose
+        global state is A and B, the average of the factors is not the factor of the averaged
+        product (for FFA-LoRA, A is fixed, so it is exactly the average of the updates)."""
+        d = self.run.eval.ema_decay
+        if self.ema is None:
+            self.ema = ArrayRecord({k: Array(v.numpy().copy()) for k, v in arrays.items()})
+        else:
+            self.ema = ArrayRecord({k: Array((d * self.ema[k].numpy() + (1 - d) * v.numpy()).astype(v.numpy().dtype)) for k, v in arrays.items()})
+        return self.ema
+
+    def evaluate_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        """Centralised evaluation of the global adapter (and of its moving average, with
+        ``eval.ema-decay``); writes the round's metrics line."""
+        self.final_arrays = arrays
         stats = self.strategy.rounds.get(server_round) if self.strategy else None
+        ema = None
+        if stats and self.run.eval.ema_decay > 0:
+            ema = self._evaluate(self.update_ema(arrays))
+        measured = self._evaluate(arrays)
+        acc, loss = measured.get("accuracy"), measured["loss"]  # causal-lm without eval.generate: no accuracy
         row = self._metrics_row(server_round, acc, loss, stats)
         row.update({k: v for k, v in measured.items() if k not in ("accuracy", "loss")})  # perplexity, exact_match
+        if ema is not None:
+            row.update({"ema_accuracy": ema.get("accuracy"), "ema_loss": ema["loss"]})
         self.folder.append_metrics(row)
         self.tracker.log_round(server_round, round_scalars(row))
         if stats:
@@ -309,7 +333,7 @@ class Experiment:
                 server_round,
                 self.run.num_server_rounds,
                 self.run.strategy,
-                _quality(measured),
+                _quality(measured) + (f" | ema {_quality(ema)}" if ema is not None else ""),
                 eps,
                 row["bytes_up"] / 1024,
                 row["bytes_down"] / 1024,
@@ -371,6 +395,12 @@ class Experiment:
             peft_config.base_model_name_or_path = self.portable(self.run.model)
         # Adapters never target embeddings; PEFT's "auto" check would look the base model up on the hub.
         self.model.save_pretrained(path, save_embedding_layers=False)
+        if self.ema is not None:  # eval.ema-decay: the moving average, beside the last round's adapter
+            wire.load_global(self.model, self.ema, self.method.exchange)
+            self.model.save_pretrained(self.folder.file("adapter-ema"), save_embedding_layers=False)
+            if deltas := {k: v.numpy() for k, v in self.ema.items() if wire.is_delta(k)}:
+                np.savez(os.path.join(self.folder.file("adapter-ema"), "base_delta.npz"), **deltas)
+            wire.load_global(self.model, self.final_arrays, self.method.exchange)
         if deltas := {k: v.numpy() for k, v in self.final_arrays.items() if wire.is_delta(k)}:
             # FedEx-LoRA / FLoRA: the update merged into the base weights (load with wire.set_base_delta).
             np.savez(os.path.join(path, "base_delta.npz"), **deltas)

@@ -21,6 +21,7 @@ from .files import write_atomic, write_npz_atomic
 
 CHECKPOINT = "checkpoint.json"
 RESULT = "result.json"
+EMA_PREFIX = "ema:"  # the moving average's arrays in a checkpoint (eval.ema-decay)
 DATA_DIR_VAR = "$FEDLORA_DATA_DIR"  # how config.json writes the data directory
 
 
@@ -129,26 +130,37 @@ class RunFolder:
 
     # -- checkpoints ----------------------------------------------------------------
 
-    def write_checkpoint(self, server_round: int, arrays: ArrayRecord, spent: dict, strategy_state: dict) -> None:
-        """Global state, round and strategy state, written atomically; older checkpoints removed."""
+    def write_checkpoint(self, server_round: int, arrays: ArrayRecord, spent: dict, strategy_state: dict, ema: ArrayRecord | None = None) -> None:
+        """Global state, round and strategy state (and the adapter's moving average, ``eval.ema-decay``),
+        written atomically; older checkpoints removed."""
         name = f"checkpoint-round{server_round}.npz"
-        write_npz_atomic(self.file(name), {k: v.numpy() for k, v in arrays.items()})
+        out = {k: v.numpy() for k, v in arrays.items()}
+        out.update({EMA_PREFIX + k: v.numpy() for k, v in (ema or {}).items()})
+        write_npz_atomic(self.file(name), out)
         self.write_json(CHECKPOINT, {"round": server_round, "arrays": name, "spent": spent, "strategy-state": strategy_state})
         for old in os.listdir(self.path):  # keep only the checkpoint just written
             if old.startswith("checkpoint-round") and old != name:
                 os.remove(self.file(old))
 
     def read_checkpoint(self) -> tuple[int, ArrayRecord, dict[int, float], dict]:
-        """(round, global arrays, epsilon spent per node, strategy state) of the latest checkpoint.
+        """(round, global arrays, epsilon spent per node, strategy state) of the latest checkpoint
+        (its moving average: ``read_ema``).
 
         Metrics written after it (a round that did not complete) are dropped."""
         ckpt = self.read_json(CHECKPOINT)
         with np.load(self.file(ckpt["arrays"])) as npz:
-            arrays = ArrayRecord({k: Array(npz[k]) for k in npz.files})
+            arrays = ArrayRecord({k: Array(npz[k]) for k in npz.files if not k.startswith(EMA_PREFIX)})
         rows = [r for r in self.metrics() if r["round"] <= ckpt["round"]]
         write_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows).encode())
         spent = {int(k): float(v) for k, v in ckpt.get("spent", {}).items()}
         return int(ckpt["round"]), arrays, spent, ckpt.get("strategy-state", {})
+
+    def read_ema(self) -> ArrayRecord | None:
+        """The latest checkpoint's moving average of the global adapter; None if it has none."""
+        ckpt = self.read_json(CHECKPOINT)
+        with np.load(self.file(ckpt["arrays"])) as npz:
+            ema = {k.removeprefix(EMA_PREFIX): Array(npz[k]) for k in npz.files if k.startswith(EMA_PREFIX)}
+        return ArrayRecord(ema) if ema else None
 
     # -- the end of a run -----------------------------------------------------------
 
@@ -166,5 +178,7 @@ class RunFolder:
             "cum_bytes_down": last["cum_bytes_down"],
             "round_seconds": sum(r["seconds"] for r in rows),
         }
+        if "ema_accuracy" in last:  # eval.ema-decay > 0
+            result.update({"ema_accuracy": last["ema_accuracy"], "best_ema_accuracy": max(r.get("ema_accuracy") or 0.0 for r in rows)})
         self.write_json(RESULT, result)
         return result

@@ -116,7 +116,8 @@ def test_resumed_run_ends_exactly_where_an_uninterrupted_run_ends(tmp_path, e2e_
 
     from fedlora import experiment
 
-    settings = {"strategy": "ffa-lora", "dp.epsilon": 3.0, "train-head": True, "local-steps": 4, **METHOD["ffa-lora"]}
+    # With the moving average on: it is part of the state a resume must restore.
+    settings = {"strategy": "ffa-lora", "dp.epsilon": 3.0, "train-head": True, "local-steps": 4, "eval.ema-decay": 0.5, **METHOD["ffa-lora"]}
     straight_dir, straight = _run(tmp_path / "straight", e2e_task, **settings)
 
     # The same run, interrupted after round 2's checkpoint ...
@@ -137,6 +138,8 @@ def test_resumed_run_ends_exactly_where_an_uninterrupted_run_ends(tmp_path, e2e_
     assert [r["round"] for r in resumed] == [0, 1, 2, 3]
     for a, b in zip(straight, resumed):
         assert a["accuracy"] == b["accuracy"] and a["loss"] == b["loss"]
+        assert a.get("ema_loss") == b.get("ema_loss")
+    assert resumed[3]["ema_loss"] != resumed[3]["loss"]  # round 3's average is not round 3's model
     # The privacy ledger survived the restart: the spent epsilon continues, not restarts.
     assert resumed[3]["epsilon"] == pytest.approx(straight[3]["epsilon"], rel=1e-12)
     a = load_file(os.path.join(straight_dir, "adapter", "adapter_model.safetensors"))
@@ -144,6 +147,37 @@ def test_resumed_run_ends_exactly_where_an_uninterrupted_run_ends(tmp_path, e2e_
     assert a.keys() == b.keys()
     for k in a:
         assert (a[k] == b[k]).all(), k
+
+
+def test_ema_decay_evaluates_and_saves_the_moving_average_of_the_global_adapter(tmp_path, e2e_task, monkeypatch):
+    import numpy as np
+
+    from fedlora import experiment
+
+    seen = []
+    original = experiment.Experiment.update_ema
+
+    def record(self, arrays):
+        seen.append({k: v.numpy().copy() for k, v in arrays.items()})
+        out = original(self, arrays)
+        seen[-1]["ema"] = {k: v.numpy().copy() for k, v in out.items()}
+        return out
+
+    monkeypatch.setattr(experiment.Experiment, "update_ema", record)
+    run_dir, rows = _run(tmp_path, e2e_task, **{"strategy": "ffa-lora", "local-steps": 4, "eval.ema-decay": 0.75, **METHOD["ffa-lora"]})
+    assert len(seen) == 3 and "ema_accuracy" not in rows[0]  # rounds 1-3; round 0 is the initial model
+    # Round 1 starts the average: the same model, the same figures.
+    assert rows[1]["ema_accuracy"] == rows[1]["accuracy"] and rows[1]["ema_loss"] == rows[1]["loss"]
+    expected = {k: v for k, v in seen[0].items() if k != "ema"}
+    for r in seen[1:]:
+        expected = {k: 0.75 * expected[k] + 0.25 * r[k] for k in expected}
+        for k in expected:
+            np.testing.assert_allclose(r["ema"][k], expected[k], rtol=1e-6, atol=1e-7)
+    assert any(not np.allclose(seen[-1]["ema"][k], seen[-1][k]) for k in expected)
+    assert rows[3]["ema_loss"] != rows[3]["loss"]
+    result = json.load(open(os.path.join(run_dir, "result.json")))
+    assert result["ema_accuracy"] == rows[3]["ema_accuracy"] and result["best_ema_accuracy"] == max(r["ema_accuracy"] for r in rows[1:])
+    assert os.path.isfile(os.path.join(run_dir, "adapter-ema", "adapter_model.safetensors"))
 
 
 def test_resume_refuses_a_different_config(tmp_path, e2e_task):
