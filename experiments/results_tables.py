@@ -251,6 +251,32 @@ def dp_reach() -> None:
     _run_table("sst2-dp-reach", "Whole sentences: max-length 64 instead of 32, without noise, in bf16, with batches of 1024, more seeds")
 
 
+def dp_ema() -> None:
+    """experiments/sst2-dp-ema.toml: the reach base evaluated also as a moving average over rounds."""
+    runs, partial = _complete("sst2-dp-ema")
+    name = "sst2-dp-ema"
+    print(f"### The same run, evaluated also as a moving average over rounds (`experiments/{name}.toml`)\n")
+    if runs:
+        minutes = _run_minutes(name)
+        print(
+            "| seed | ema-decay | accuracy by round: the round's model | its moving average | final: model / average | best (round): model / average | ε spent | minutes |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
+        for r in sorted(runs, key=lambda r: r.config["seed"]):
+            c, rows = r.config, r.rows[1:]
+            curve = " → ".join(f"{x['accuracy']:.3f}" for x in rows)
+            ema = " → ".join(f"{x['ema_accuracy']:.3f}" for x in rows)
+            best = max(rows, key=lambda x: x["accuracy"])
+            best_ema = max(rows, key=lambda x: x["ema_accuracy"])
+            print(
+                f"| {c['seed']} | {c['eval.ema-decay']:g} | {curve} | {ema} | {rows[-1]['accuracy']:.3f} / {rows[-1]['ema_accuracy']:.3f} | "
+                f"{best['accuracy']:.3f} ({best['round']}) / {best_ema['ema_accuracy']:.3f} ({best_ema['round']}) | {r.final['epsilon']:.3f} | "
+                f"{minutes.get(os.path.basename(r.path), 0):.1f} |"
+            )
+        print()
+    print(f"{len(runs)} runs complete, {partial} incomplete; {_wall(name)}.\n")
+
+
 def main_grid() -> None:
     runs, partial = _complete("sst2")
     reference, ref_partial = _complete("sst2-nonprivate")  # the non-private row: its own grid and rates
@@ -433,6 +459,7 @@ if __name__ == "__main__":
     dp_goal()
     dp_schedule()
     dp_reach()
+    dp_ema()
     sweep()
     main_grid()
     for target in targets:

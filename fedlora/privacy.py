@@ -337,9 +337,10 @@ def linear_grad_sample(layer: nn.Linear, activations: list[torch.Tensor], backpr
     """Per-sample gradients of an ``nn.Linear`` layer: what Opacus'
     ``compute_linear_grad_sample`` returns, computed as one batched matmul whose
     output rows are the layer's smaller side. Opacus' einsum always makes the
-    output side the rows; for a LoRA B (rank 8 in, 384 out) on [16, 64]-token
-    batches that matmul took 0.39 ms on 2 CPUs against 0.07 ms for the transposed
-    one, a fifth of LoRA's DP overhead at batch 16 (``benchmarks/dp_ops.py``).
+    output side the rows, which for a LoRA B (rank 8 in, 384 out) is the slow
+    orientation on CPU: in a LoRA DP step at batch 16 x 64 tokens the Linear samplers
+    took 2.8 ms against 5.7 ms with Opacus' einsum (``benchmarks/dp_ops.py``). Equal
+    to Opacus' up to float rounding (the sum over tokens runs in another order).
     The result may be a transposed view; Opacus copies it into its buffer."""
     x = activations[0].to(backprops.dtype)
     n, d_in, d_out = backprops.shape[0], x.shape[-1], backprops.shape[-1]
