@@ -1,6 +1,6 @@
 """Speed and communication benchmarks; each prints ratios measured side by side in one run.
 
-    python benchmarks/speed.py [--data-dir DIR] [--dp-steps N] [--flush on|off|both] [--lora-64]
+    python benchmarks/speed.py [--data-dir DIR] [--dp-steps N] [--block N] [--flush on|off|both] [--lora-64]
                                [--throughput-steps N] [--accuracy-steps N] [--steps N] [--rounds N]
                                [--skip-steps] [--skip-padding] [--skip-simulation] [--skip-deployment]
 
@@ -289,6 +289,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="local steps per round in [2]")
     ap.add_argument("--dp-steps", type=int, default=24, help="[1]: DP steps per configuration at batch 16 (half that at batch 64)")
     ap.add_argument("--flush", choices=("on", "off", "both"), default="on", help="[1]: flush denormals to zero (training's default on CPU), or not, or both")
+    ap.add_argument(
+        "--block",
+        type=int,
+        default=4,
+        help="[1]: DP steps per timing block (each against max(1, N-1) plain steps from the block's weights); "
+        "1 pairs every DP step with one plain step, the most robust to a VM whose speed drifts",
+    )
     ap.add_argument("--lora-64", action="store_true", help="[1]: also time LoRA at batch 64 (FFA-LoRA, the default method, always)")
     ap.add_argument("--throughput-steps", type=int, default=6, help="[1p]: Poisson batches of 64 timed each way")
     ap.add_argument("--accuracy-steps", type=int, default=0, help="[1a]: DP steps of the flush / no-flush accuracy check (0 = skip)")
@@ -306,7 +313,8 @@ def main() -> None:
     configs = [(16, "LoRA", True), (16, "FFA-LoRA", False), *([(64, "LoRA", True)] if args.lora_64 else []), (64, "FFA-LoRA", False)]
     for batch_size, name, train_a in () if args.skip_steps else configs:
         for flush in flushes:
-            r = dp_step_ratio(args.dp_steps if batch_size == 16 else max(4, args.dp_steps // 2), train_a, batch_size, flush)
+            steps = args.dp_steps if batch_size == 16 else max(4, args.dp_steps // 2)
+            r = dp_step_ratio(steps, train_a, batch_size, flush, block=args.block, plain_per_block=max(1, args.block - 1))
             print(
                 f"[1] DP step / non-DP step, same weights ({name}, MiniLM, batch {batch_size} x 64 tokens, denormals {'flushed' if flush else 'kept'}): "
                 f"{r['ratio']:.3f} median over {r['dp_steps']} DP steps (first half {r['ratio_first']:.3f}, last half {r['ratio_last']:.3f}; "
