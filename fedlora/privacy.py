@@ -439,7 +439,7 @@ def secure_bytes(n: int) -> bytes:
 def secure_uniform(n: int) -> np.ndarray:
     """``n`` floats uniform in (0, 1], 53 random bits each, from ``secure_bytes``.
     (The top 53 bits of each 64-bit word: an arithmetic shift of the signed word, then
-    a mask, gives the same bits as a logical shift; torch does it ~3x faster than numpy.)"""
+    a mask, gives the same bits as a logical shift; in torch, as it was faster than numpy here.)"""
     bits = torch.frombuffer(bytearray(secure_bytes(8 * n)), dtype=torch.int64)
     return ((bits >> 11) & ((1 << 53) - 1)).double().add_(1.0).mul_(2.0**-53).numpy()
 
@@ -457,7 +457,7 @@ def secure_gaussian(shape: tuple[int, ...], std: float) -> torch.Tensor:
     (mod 2n), four different pairs; one value takes four pairs' cosines."""
     n = int(np.prod(shape)) if shape else 1
     pairs = 2 * n if n >= 2 else 4 * n
-    # float64 throughout; torch's vectorised log/cos/sin take ~1/4 of numpy's time.
+    # float64 throughout, in torch: its vectorised log/cos/sin beat numpy's (benchmarks/speed.py, [1']).
     u1, u2 = torch.from_numpy(secure_uniform(pairs)), torch.from_numpy(secure_uniform(pairs))
     r, theta = torch.sqrt(-2.0 * torch.log(u1)), (2.0 * math.pi) * u2
     if n >= 2:  # slices, not an index array: no gather over the 4n draws
