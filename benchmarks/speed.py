@@ -293,8 +293,7 @@ def main() -> None:
         "--block",
         type=int,
         default=4,
-        help="[1]: DP steps per timing block (each against max(1, N-1) plain steps from the block's weights); "
-        "1 pairs every DP step with one plain step, the most robust to a VM whose speed drifts",
+        help="[1]: DP steps per timing block (each against max(1, N-1) plain steps from the block's weights); 1 pairs every DP step with one plain step",
     )
     ap.add_argument("--lora-64", action="store_true", help="[1]: also time LoRA at batch 64 (FFA-LoRA, the default method, always)")
     ap.add_argument("--throughput-steps", type=int, default=6, help="[1p]: Poisson batches of 64 timed each way")
@@ -305,6 +304,8 @@ def main() -> None:
     ap.add_argument("--skip-simulation", action="store_true")
     ap.add_argument("--skip-deployment", action="store_true")
     args = ap.parse_args()
+    if args.block < 1:
+        ap.error(f"--block {args.block}: must be at least 1 (DP steps per timing block)")
 
     torch.set_num_threads(os.cpu_count() or 1)
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
