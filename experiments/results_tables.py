@@ -277,6 +277,31 @@ def dp_ema() -> None:
     print(f"{len(runs)} runs complete, {partial} incomplete; {_wall(name)}.\n")
 
 
+def dp_share() -> None:
+    """experiments/sst2-dp-share.toml: the reach base with less of the clipping norm for the head,
+    beside the reach base itself (head share 0.5, same seed)."""
+    name = "sst2-dp-share"
+    runs, partial = _complete(name)
+    base = [r for r in _complete("sst2-dp-reach")[0] if r.config["dp.epsilon"] == 3 and r.config["batch-size"] == 512 and r.config["precision"] == "fp32"]
+    print(f"### Less of the clipping norm for the head (`experiments/{name}.toml`, beside the reach base)\n")
+    if runs:
+        minutes = {**_run_minutes("sst2-dp-reach"), **_run_minutes(name)}
+        print("| head-share | head / adapter clipping norm | seed | accuracy by round (0 = initial) | final | best (round) | ε spent | minutes |")
+        print("|---|---|---|---|---|---|---|---|")
+        seeds = {r.config["seed"] for r in runs}
+        for r in sorted([b for b in base if b.config["seed"] in seeds] + runs, key=lambda r: (-r.config["dp.head-share"], r.config["seed"])):
+            c = r.config
+            share, norm = c["dp.head-share"], c["dp.max-grad-norm"]
+            curve = " → ".join(f"{x['accuracy']:.3f}" for x in r.rows)
+            best = max(r.rows[1:], key=lambda x: x["accuracy"])
+            print(
+                f"| {share:g}{' (reach base)' if r in base else ''} | {norm * share**0.5:.3f} / {norm * (1 - share) ** 0.5:.3f} | {c['seed']} | {curve} | "
+                f"{r.final['accuracy']:.3f} | {best['accuracy']:.3f} ({best['round']}) | {r.final['epsilon']:.3f} | {minutes.get(os.path.basename(r.path), 0):.1f} |"
+            )
+        print()
+    print(f"{len(runs)} runs complete, {partial} incomplete; {_wall(name)}.\n")
+
+
 def main_grid() -> None:
     runs, partial = _complete("sst2")
     reference, ref_partial = _complete("sst2-nonprivate")  # the non-private row: its own grid and rates
@@ -460,6 +485,7 @@ if __name__ == "__main__":
     dp_schedule()
     dp_reach()
     dp_ema()
+    dp_share()
     sweep()
     main_grid()
     for target in targets:
