@@ -11,6 +11,7 @@ from flwr.serverapp import Grid, ServerApp
 from .config import parse_run_config
 from .experiment import Experiment
 from .logs import setup_logging
+from .simulation import skip_idle_nodes
 from .strategies import FedLoraStrategy
 
 app = ServerApp()
@@ -59,6 +60,8 @@ def run_rounds(strategy: FedLoraStrategy, grid: Grid, exp: Experiment) -> None:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     setup_logging()
+    if skip_idle_nodes(getattr(grid, "state", None)):  # a simulation's in-memory grid: Flower polls every node
+        log.info("simulation: Flower's polling of idle nodes skips the message scan (FEDLORA_FLOWER_POLLING=1: not)")
     run = parse_run_config(context.run_config)
     exp = Experiment(run, run_id=context.run_id)
     nodes = wait_for_nodes(grid, run.min_train_nodes, run.node_wait_timeout)

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -61,6 +64,59 @@ def write_app_dir(overrides: dict[str, Any], directory: str) -> dict[str, Any]:
     return config
 
 
+# Set (to anything) to keep Flower's polling as it is, in ``flwr run`` simulations as in
+# ``simulate`` (benchmarks/scale.py's side-by-side of the two loops).
+FLOWER_POLLING_ENV = "FEDLORA_FLOWER_POLLING"
+
+
+def _waiting_nodes(state: Any) -> set[int]:
+    """The nodes with an undelivered message in an in-memory LinkState (one pass over its store)."""
+    with state.lock:
+        return {m.metadata.dst_node_id for m in state.message_ins_store.values() if m.metadata.delivered_at == ""}
+
+
+def _has_in_memory_store(state: Any) -> bool:
+    return isinstance(getattr(state, "message_ins_store", None), dict) and getattr(state, "lock", None) is not None
+
+
+def skip_idle_nodes(state: Any, refresh: float = 0.05) -> bool:
+    """Make an in-memory LinkState's ``get_message_ins`` answer ``[]`` at once for a node
+    with no message waiting; True if installed.
+
+    ``flwr run``'s simulation runs Flower's own loop (``vce_api.add_messages_to_queue``),
+    started before the ServerApp, so ``pending_nodes_loop`` cannot replace it there; the
+    ServerApp can still reach the LinkState that loop polls (the in-memory grid's
+    ``state``). Every 0.1 s the loop asks it about every node, and each question scans
+    every stored message; with this, a question about an idle node costs a set lookup.
+    The waiting set is rebuilt by one scan at most every ``refresh`` seconds, and a
+    stored message adds its node at once, so no message waits longer than it would with
+    Flower's scan. Does nothing (False) for another kind of state, or where
+    ``FEDLORA_FLOWER_POLLING`` is set."""
+    if os.environ.get(FLOWER_POLLING_ENV) or not _has_in_memory_store(state) or getattr(state, "_fedlora_skips_idle", False):
+        return False
+    ask, store = state.get_message_ins, state.store_message_ins
+    guard, seen = threading.Lock(), {"at": -math.inf, "nodes": set()}
+
+    def get_message_ins(node_id: int, limit: int | None, *, run_id: int | None = None) -> list:
+        with guard:
+            if time.monotonic() - seen["at"] >= refresh:
+                # Scanned under ``guard``, so a message stored meanwhile is added after this set replaces the old one.
+                seen["nodes"], seen["at"] = _waiting_nodes(state), time.monotonic()
+            idle = node_id not in seen["nodes"]
+        return [] if idle else ask(node_id=node_id, limit=limit, run_id=run_id)
+
+    def store_message_ins(message: Any) -> Any:
+        message_id = store(message)
+        if message_id is not None:
+            with guard:
+                seen["nodes"].add(message.metadata.dst_node_id)
+        return message_id
+
+    state.get_message_ins, state.store_message_ins = get_message_ins, store_message_ins
+    state._fedlora_skips_idle = True
+    return True
+
+
 def pending_nodes_loop(flower_loop: Callable[..., None]) -> Callable[..., None]:
     """A stand-in for Flower's ``vce_api.add_messages_to_queue`` (``flower_loop``) that
     asks the LinkState only for the nodes with an undelivered message.
@@ -75,14 +131,11 @@ def pending_nodes_loop(flower_loop: Callable[..., None]) -> Callable[..., None]:
     """
 
     def add_messages_to_queue(state: Any, queue: Any, nodes_mapping: dict[int, int], f_stop: Any) -> None:
-        store, lock = getattr(state, "message_ins_store", None), getattr(state, "lock", None)
-        if not isinstance(store, dict) or lock is None:
+        if not _has_in_memory_store(state):
             flower_loop(state, queue, nodes_mapping, f_stop)
             return
         while not f_stop.is_set():
-            with lock:
-                waiting = {m.metadata.dst_node_id for m in store.values() if m.metadata.delivered_at == ""}
-            if waiting:
+            if waiting := _waiting_nodes(state):
                 for node_id in [n for n in nodes_mapping if n in waiting]:
                     for msg in state.get_message_ins(node_id=node_id, limit=1):
                         queue.put(msg)
@@ -94,16 +147,24 @@ def pending_nodes_loop(flower_loop: Callable[..., None]) -> Callable[..., None]:
 @contextlib.contextmanager
 def lean_polling(enabled: bool = True) -> Iterator[None]:
     """Within the block, Flower's simulation loop asks only for the nodes with a message
-    waiting (``pending_nodes_loop``); Flower's own loop is back afterwards."""
+    waiting (``pending_nodes_loop``); Flower's own loop is back afterwards. ``enabled =
+    False`` keeps Flower's polling whole: its loop, and a LinkState the ServerApp leaves
+    as it is (``FEDLORA_FLOWER_POLLING`` set within the block, see ``skip_idle_nodes``)."""
     from flwr.server.superlink.fleet.vce import vce_api
 
-    flower_loop = vce_api.add_messages_to_queue
+    flower_loop, env = vce_api.add_messages_to_queue, os.environ.get(FLOWER_POLLING_ENV)
     if enabled:
         vce_api.add_messages_to_queue = pending_nodes_loop(flower_loop)
+    else:
+        os.environ[FLOWER_POLLING_ENV] = "1"
     try:
         yield
     finally:
         vce_api.add_messages_to_queue = flower_loop
+        if env is None:
+            os.environ.pop(FLOWER_POLLING_ENV, None)
+        else:
+            os.environ[FLOWER_POLLING_ENV] = env
 
 
 def run_apps(

@@ -66,6 +66,8 @@ def test_flwr_run_completes_and_writes_outputs(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "finished:completed" in proc.stdout
+    # The ServerApp reached the LinkState that Flower's simulation loop polls (fedlora.simulation.skip_idle_nodes).
+    assert "Flower's polling of idle nodes skips the message scan" in proc.stdout + proc.stderr
     # The script passes output-dir explicitly, so the run lands where we asked.
     (run_dir,) = glob.glob(str(out / "flwr*"))
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]

@@ -1,10 +1,13 @@
-"""fedlora.simulation's stand-in for Flower's simulation loop (``pending_nodes_loop``):
-on Flower's own in-memory LinkState it must deliver what Flower's loop delivers, in the
-same order, while asking only the nodes that have a message waiting."""
+"""fedlora.simulation's stand-in for Flower's simulation loop (``pending_nodes_loop``),
+and the ServerApp's shortcut for idle nodes in Flower's own loop (``skip_idle_nodes``,
+for ``flwr run``): on Flower's own in-memory LinkState each must deliver what Flower's
+loop delivers, in the same order, while scanning the messages only for the nodes that
+have one waiting."""
 
 from __future__ import annotations
 
 import inspect
+import os
 import queue
 import threading
 import time
@@ -26,7 +29,7 @@ from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from flwr.superlink.federation import NoOpFederationManager  # noqa: E402
 from flwr.superlink.grid import InMemoryGrid  # noqa: E402
 
-from fedlora.simulation import lean_polling, pending_nodes_loop  # noqa: E402
+from fedlora.simulation import FLOWER_POLLING_ENV, lean_polling, pending_nodes_loop, skip_idle_nodes  # noqa: E402
 
 RUN_ID, TASK_ID = 7, 8
 
@@ -34,6 +37,11 @@ RUN_ID, TASK_ID = 7, 8
 def _federation(nodes: int, receivers: list[int]):
     """A simulation's LinkState with ``nodes`` registered nodes, one message stored for
     each entry of ``receivers`` (indices into the nodes) as the ServerApp's grid stores it."""
+    state, mapping, _ = _federation_and_grid(nodes, receivers)
+    return state, mapping
+
+
+def _federation_and_grid(nodes: int, receivers: list[int]):
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = TASK_ID, RUN_ID, SUPERLINK_NODE_ID
     factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
     mapping = vce_api._register_nodes(nodes, factory)
@@ -47,7 +55,7 @@ def _federation(nodes: int, receivers: list[int]):
     ids = list(mapping)
     stored = list(grid.push_messages([Message(RecordDict(), dst_node_id=ids[i], message_type="train") for i in receivers]))
     assert len(stored) == len(receivers) == state.num_message_ins()
-    return state, mapping
+    return state, mapping, grid
 
 
 def _run_loop(loop, state, mapping, seconds: float = 0.45):
@@ -107,3 +115,68 @@ def test_lean_polling_swaps_flowers_loop_in_and_back():
     with pytest.raises(RuntimeError), lean_polling():
         raise RuntimeError("the simulation failed")
     assert vce_api.add_messages_to_queue is flower_loop
+
+
+def _scans_by_node(state, mapping) -> list[int]:
+    """Record, in order, the partitions that Flower's own ``get_message_ins`` (the scan of
+    every stored message) is asked about from now on."""
+    scanned: list[int] = []
+    get = state.get_message_ins
+
+    def spy(node_id, limit, **kw):
+        scanned.append(mapping[node_id])
+        return get(node_id=node_id, limit=limit, **kw)
+
+    state.get_message_ins = spy
+    return scanned
+
+
+def test_flowers_loop_over_a_state_that_skips_idle_nodes_delivers_the_same():
+    receivers = [3, 17, 17, 40]
+    state, mapping = _federation(50, receivers)
+    scanned = _scans_by_node(state, mapping)
+    assert skip_idle_nodes(state)
+    delivered, asked = _run_loop(vce_api.add_messages_to_queue, state, mapping)
+    assert delivered == [3, 17, 40, 17]  # what Flower's loop alone delivers (the test above)
+    assert len(asked) >= 2 * 50  # Flower's loop still asks about every node, every pass ...
+    assert set(scanned) == {3, 17, 40}  # ... but only nodes with a message waiting cost a scan
+    assert len(scanned) < 10
+
+
+def test_a_message_stored_after_the_shortcut_is_delivered_in_the_next_pass():
+    state, mapping, grid = _federation_and_grid(20, [])
+    scanned = _scans_by_node(state, mapping)
+    assert skip_idle_nodes(state, refresh=3600.0)  # never rescans: the stored message alone must add its node
+    assert state.get_message_ins(node_id=next(iter(mapping)), limit=1) == []  # builds the (empty) waiting set
+    out: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    thread = threading.Thread(target=vce_api.add_messages_to_queue, args=(state, out, mapping, stop))
+    thread.start()
+    time.sleep(0.15)
+    node = list(mapping)[11]
+    assert len(list(grid.push_messages([Message(RecordDict(), dst_node_id=node, message_type="train")]))) == 1
+    time.sleep(0.3)
+    stop.set()
+    thread.join(timeout=5)
+    assert [out.get().metadata.dst_node_id for _ in range(out.qsize())] == [node]
+    assert scanned and set(scanned) == {11}
+
+
+def test_the_shortcut_is_off_where_flowers_polling_is_asked_for_or_the_state_is_another(monkeypatch):
+    state, _ = _federation(5, [1])
+    monkeypatch.setenv(FLOWER_POLLING_ENV, "1")
+    get = state.get_message_ins
+    assert not skip_idle_nodes(state)
+    assert state.get_message_ins == get
+    monkeypatch.delenv(FLOWER_POLLING_ENV)
+    assert not skip_idle_nodes(object()) and not skip_idle_nodes(None)
+    assert skip_idle_nodes(state) and not skip_idle_nodes(state)  # installed once
+
+
+def test_lean_polling_off_keeps_the_servers_shortcut_off_within_the_block(monkeypatch):
+    monkeypatch.delenv(FLOWER_POLLING_ENV, raising=False)
+    with lean_polling(False):
+        assert os.environ.get(FLOWER_POLLING_ENV)
+    assert FLOWER_POLLING_ENV not in os.environ
+    with lean_polling():
+        assert FLOWER_POLLING_ENV not in os.environ
