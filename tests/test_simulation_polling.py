@@ -58,9 +58,9 @@ def _federation_and_grid(nodes: int, receivers: list[int]):
     return state, mapping, grid
 
 
-def _run_loop(loop, state, mapping, seconds: float = 0.45):
-    """Run ``loop`` for ``seconds`` (four passes or so); return the partitions whose
-    messages it queued, in queue order, and the partitions it asked the state about."""
+def _questions(state, mapping) -> list[int]:
+    """Record, in order, the partitions that ``state.get_message_ins`` as it is now is
+    asked about from now on (wrapped again later, it records what reaches it)."""
     asked: list[int] = []
     get = state.get_message_ins
 
@@ -69,6 +69,13 @@ def _run_loop(loop, state, mapping, seconds: float = 0.45):
         return get(node_id=node_id, limit=limit, **kw)
 
     state.get_message_ins = spy
+    return asked
+
+
+def _run_loop(loop, state, mapping, seconds: float = 0.45):
+    """Run ``loop`` for ``seconds`` (four passes or so); return the partitions whose
+    messages it queued, in queue order, and the partitions it asked the state about."""
+    asked = _questions(state, mapping)
     out: queue.Queue = queue.Queue()
     stop = threading.Event()
     thread = threading.Thread(target=loop, args=(state, out, mapping, stop))
@@ -117,24 +124,10 @@ def test_lean_polling_swaps_flowers_loop_in_and_back():
     assert vce_api.add_messages_to_queue is flower_loop
 
 
-def _scans_by_node(state, mapping) -> list[int]:
-    """Record, in order, the partitions that Flower's own ``get_message_ins`` (the scan of
-    every stored message) is asked about from now on."""
-    scanned: list[int] = []
-    get = state.get_message_ins
-
-    def spy(node_id, limit, **kw):
-        scanned.append(mapping[node_id])
-        return get(node_id=node_id, limit=limit, **kw)
-
-    state.get_message_ins = spy
-    return scanned
-
-
 def test_flowers_loop_over_a_state_that_skips_idle_nodes_delivers_the_same():
     receivers = [3, 17, 17, 40]
     state, mapping = _federation(50, receivers)
-    scanned = _scans_by_node(state, mapping)
+    scanned = _questions(state, mapping)  # what reaches Flower's scan
     assert skip_idle_nodes(state)
     delivered, asked = _run_loop(vce_api.add_messages_to_queue, state, mapping)
     assert delivered == [3, 17, 40, 17]  # what Flower's loop alone delivers (the test above)
@@ -145,7 +138,7 @@ def test_flowers_loop_over_a_state_that_skips_idle_nodes_delivers_the_same():
 
 def test_a_message_stored_after_the_shortcut_is_delivered_in_the_next_pass():
     state, mapping, grid = _federation_and_grid(20, [])
-    scanned = _scans_by_node(state, mapping)
+    scanned = _questions(state, mapping)  # what reaches Flower's scan
     assert skip_idle_nodes(state, refresh=3600.0)  # never rescans: the stored message alone must add its node
     assert state.get_message_ins(node_id=next(iter(mapping)), limit=1) == []  # builds the (empty) waiting set
     out: queue.Queue = queue.Queue()
