@@ -61,7 +61,7 @@ def run_rounds(strategy: FedLoraStrategy, grid: Grid, exp: Experiment) -> None:
 def main(grid: Grid, context: Context) -> None:
     setup_logging()
     if skip_idle_nodes(getattr(grid, "state", None)):  # a simulation's in-memory grid: Flower polls every node
-        log.info("simulation: Flower's polling of idle nodes skips the message scan (FEDLORA_FLOWER_POLLING=1: not)")
+        log.info("simulation: Flower's polling of idle nodes skips the message scan (FEDLORA_FLOWER_POLLING=1 leaves it as Flower's)")
     run = parse_run_config(context.run_config)
     exp = Experiment(run, run_id=context.run_id)
     nodes = wait_for_nodes(grid, run.min_train_nodes, run.node_wait_timeout)
