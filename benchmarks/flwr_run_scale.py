@@ -1,7 +1,7 @@
 """Round time at 10 and 1,000 nodes under ``flwr run .`` itself, with the ServerApp's
 shortcut for idle nodes (``fedlora.simulation.skip_idle_nodes``) and without it.
 
-    python benchmarks/flwr_run_scale.py [--data-dir DIR] [--clients 10,1000] [--rounds 4] [--dirichlet]
+    python benchmarks/flwr_run_scale.py [--data-dir DIR] [--clients 10,1000] [--rounds 8] [--dirichlet]
 
 ``benchmarks/scale.py`` measures fedlora's own simulation (``fedlora.simulation``), which
 replaces Flower's polling loop before Flower starts it. ``flwr run .`` starts Flower's
@@ -114,7 +114,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", default=os.environ.get("FEDLORA_DATA_DIR"), help="folder with sst2/ (else the built-in synthetic task)")
     ap.add_argument("--clients", default="10,1000", help="comma-separated numbers of simulated nodes")
-    ap.add_argument("--rounds", type=int, default=4, help="rounds per run (rounds >= 2 are averaged)")
+    ap.add_argument(
+        "--rounds", type=int, default=8, help="rounds per run (rounds >= 2 are averaged; with 4, rounds scattered too much to separate the two ways)"
+    )
     ap.add_argument("--sampled", type=int, default=10, help="nodes trained per round")
     ap.add_argument("--cpus-per-client", type=int, default=2, help="CPUs per Ray actor (Flower's client-resources-num-cpus)")
     ap.add_argument("--dirichlet", action="store_true", help="Dirichlet(0.5) partitions instead of IID")
