@@ -31,7 +31,9 @@ import tempfile
 import threading
 import time
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from scale import ROOT, _stat  # noqa: E402  (scale.py: the /proc reader, the repo root)
+
 WAYS = (("shortcut", False), ("Flower's polling", True))
 SHORTCUT_LINE = "Flower's polling of idle nodes skips the message scan"  # the ServerApp's log line when installed
 
@@ -72,12 +74,6 @@ def run_once(nodes: int, flower_polling: bool, args: argparse.Namespace, work: s
     wall = time.monotonic() - started
     stop.set()
     sampler.join()
-    with open(log.name) as f:
-        installed = SHORTCUT_LINE in f.read()
-    if installed == flower_polling:
-        sys.exit(
-            f"N={nodes}: the ServerApp's shortcut was {'installed' if installed else 'not installed'} where it should {'not ' if flower_polling else ''}be; see {log.name}"
-        )
     rows = []
     for path in glob.glob(os.path.join(out, name + "*", "metrics.jsonl")):
         with open(path) as f:
@@ -86,6 +82,12 @@ def run_once(nodes: int, flower_polling: bool, args: argparse.Namespace, work: s
     if proc.returncode != 0 or len(seconds) < args.rounds - 1:
         sys.exit(
             f"N={nodes} ({'Flower polling' if flower_polling else 'shortcut'}): the run failed (exit {proc.returncode}, {len(seconds)} rounds >= 2); see {log.name}"
+        )
+    with open(log.name) as f:
+        installed = SHORTCUT_LINE in f.read()
+    if installed == flower_polling:
+        sys.exit(
+            f"N={nodes}: the ServerApp's shortcut was {'installed' if installed else 'not installed'} where it should {'not ' if flower_polling else ''}be; see {log.name}"
         )
     return {"round": statistics.mean(seconds), "rounds": seconds, "wall": wall, "driver_cpu": sum(cpu.values())}
 
@@ -103,9 +105,9 @@ def _sample_cpu(cpu: dict[int, float], stop: threading.Event) -> None:
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
                     if not any(arg.endswith(b"flwr-simulation") for arg in f.read().split(b"\0")[:2]):  # [python, script]
                         continue
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
             except OSError:  # gone meanwhile
+                continue
+            if (fields := _stat(int(pid))) is None:
                 continue
             cpu[int(pid)] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
 
