@@ -104,6 +104,11 @@ class Clipping(Choice):
     PER_GROUP = "per-group"
 
 
+class Accountant(Choice):
+    RDP = "rdp"
+    PRV = "prv"
+
+
 class UserDPMode(Choice):
     OFF = "off"
     SERVER_FIXED = "server-fixed"
@@ -275,6 +280,14 @@ class LoraConfig:
         "encoders, `q_proj,v_proj` for Llama, Qwen, Mistral and SmolLM, `c_attn` for GPT-2)",
         note="each must exist in the model (checked when the model is built)",
     )
+    layers: tuple[int, ...] = option(
+        "lora.layers",
+        (),
+        "the transformer blocks whose target layers get LoRA, by index, comma-separated; negative indices count "
+        "from the top (`-2,-1` = the last two blocks); empty = every block. Gradients then stop at the lowest "
+        "adapted block, so each step skips the backward pass through the blocks below it",
+        note="each within the model's blocks, each block once (checked when the model is built)",
+    )
     client_ranks: tuple[int, ...] = option(
         "lora.client-ranks",
         (),
@@ -308,6 +321,13 @@ class DPConfig:
         "and the adapter clipped separately, to max-grad-norm·√head-share and max-grad-norm·√(1 − head-share), "
         "so a fresh head's large gradient does not crowd out the adapter's (the total, the noise and ε are unchanged)",
         note="`per-group` needs a trained head (classification with train-head = true)",
+    )
+    accountant: Accountant = option(  # noqa: RUF009 (option returns a field)
+        "dp.accountant",
+        Accountant.RDP,
+        "how epsilon is computed, and so how much noise a budget allows: `rdp` (Opacus' RDP accountant) or `prv` "
+        "(Opacus' PRV accountant, Gopi et al. 2021: a tighter upper bound, within 0.01 of the true epsilon, so the "
+        "same budget calibrates less noise; about a second more per calibration and 0.2-0.5 s per epsilon)",
     )
     head_share: float = option(
         "dp.head-share", 0.5, "with dp.clipping = per-group: the head's share of max-grad-norm², the adapter gets the rest", gt=0, le=0.99
@@ -985,6 +1005,13 @@ class PrivacyPolicy:
         "whether this node answers evaluate messages (its metrics on its held-out split are released without DP)",
     )
     max_eval_queries: int = option("privacy.max-eval-queries", 10, "evaluate messages this node answers per run", ge=0)
+    accountants: tuple[Accountant, ...] = option(
+        "privacy.accountants",
+        (Accountant.RDP, Accountant.PRV),
+        "the `dp.accountant` values a run may use on this node, comma-separated: a data owner who accepts only "
+        "RDP's bound (PRV's epsilon is a numerical upper bound, within 0.01) sets `rdp`",
+        rule=Rule("at least one", "must name at least one accountant (rdp, prv)", lambda chosen: len(chosen) > 0),
+    )
     allowed_models: tuple[str, ...] = option(
         "privacy.allowed-models",
         (),

@@ -229,6 +229,24 @@ def _validate_targets(base: nn.Module, targets: tuple[str, ...]) -> bool:
     return convs.pop()
 
 
+def adapted_layers(run: RunConfig, base: nn.Module) -> list[int] | None:
+    """``lora.layers`` as PEFT's ``layers_to_transform`` (negative indices resolved
+    against the model's number of blocks), or None for every block."""
+    if not run.lora.layers:
+        return None
+    shown = ",".join(map(str, run.lora.layers))
+    blocks = getattr(base.config, "num_hidden_layers", None) or getattr(base.config, "n_layer", None)
+    if not blocks:
+        raise ConfigError("lora.layers", shown, "the model's config names no number of blocks (num_hidden_layers)")
+    out_of_range = [i for i in run.lora.layers if not -blocks <= i < blocks]
+    if out_of_range:
+        raise ConfigError("lora.layers", shown, f"{out_of_range} outside the model's {blocks} blocks (0..{blocks - 1}, or -{blocks}..-1)")
+    resolved = [i % blocks for i in run.lora.layers]
+    if len(set(resolved)) != len(resolved):
+        raise ConfigError("lora.layers", shown, f"names a block twice (as indices: {resolved})")
+    return sorted(resolved)
+
+
 def head_names(base: nn.Module) -> list[str]:
     """The classification head's module name(s) of a transformers model."""
     names = [n for n in ("classifier", "score") if isinstance(getattr(base, n, None), nn.Module)]
@@ -401,6 +419,7 @@ def build_model(run: RunConfig, num_labels: int, train_lora_a: bool, device: tor
         lora_alpha=run.lora.alpha,
         lora_dropout=run.lora.dropout,
         target_modules=list(targets),
+        layers_to_transform=adapted_layers(run, base),
         fan_in_fan_out=conv1d,
         modules_to_save=None if causal else head_names(base),
     )

@@ -404,10 +404,12 @@ def _planned(dp, num_examples: int, batch_size: int, steps: int) -> str:
 
 def check_ledger(ledger: privacy.PrivacyLedger, planned: privacy.PrivacyLedger) -> None:
     """Refuse a stored ledger that is not this run's plan for this node (a forged
-    or stale file: another target, delta, noise, sampling rate or schedule), or
+    or stale file: another target, delta, noise, sampling rate, schedule or accountant), or
     whose history records a mechanism other than the planned one."""
     fields = ("target_epsilon", "delta", "noise_multiplier", "sample_rate", "planned_steps")
     differ = [f for f in fields if not math.isclose(float(getattr(ledger, f)), float(getattr(planned, f)), rel_tol=1e-9, abs_tol=0.0)]
+    if ledger.accountant != planned.accountant:
+        differ.append("accountant")
     foreign = [
         h
         for h in ledger.history

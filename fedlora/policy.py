@@ -26,7 +26,7 @@ class PolicyRefusal(RuntimeError):
 
 
 def check_run(run: RunConfig, node: NodeConfig, node_config: Mapping[str, Any]) -> None:
-    """Refuse a run whose sample-level DP or model the policy does not allow."""
+    """Refuse a run whose sample-level DP (budget, accountant) or model the policy does not allow."""
     if not policy_binds(node, node_config):
         return
     p = node.privacy
@@ -38,18 +38,22 @@ def check_run(run: RunConfig, node: NodeConfig, node_config: Mapping[str, Any]) 
             raise PolicyRefusal("dp.epsilon", f"the run asks for epsilon {run.dp.epsilon:g} > privacy.max-epsilon = {p.max_epsilon:g}")
         if run.dp.delta > p.max_delta:
             raise PolicyRefusal("dp.delta", f"the run asks for delta {run.dp.delta:g} > privacy.max-delta = {p.max_delta:g}")
+        if run.dp.accountant not in p.accountants:
+            allowed = ",".join(p.accountants)
+            raise PolicyRefusal("dp.accountant", f"the run asks for the {run.dp.accountant} accountant; privacy.accountants = {allowed}")
     if p.allowed_models and run.model not in p.allowed_models:
         raise PolicyRefusal("model", f"model {run.model!r} is not in privacy.allowed-models")
 
 
 def check_lifetime(node: NodeConfig, other_runs: list[tuple[float, float, int]], planned: privacy.PrivacyLedger) -> float:
     """Refuse a run whose whole plan, composed with every other run on this data
-    source (RDP adds up), would pass ``privacy.lifetime-epsilon``; return that epsilon."""
+    source (their mechanisms composed), would pass ``privacy.lifetime-epsilon``; return
+    that epsilon, by the run's accountant (the histories are the same for either)."""
     p = node.privacy
     whole = [*other_runs, (planned.noise_multiplier, planned.sample_rate, planned.planned_steps)]
-    epsilon = privacy.epsilon_of(whole, p.max_delta)
+    epsilon = privacy.epsilon_of(whole, p.max_delta, planned.accountant)
     if p.lifetime_epsilon > 0 and epsilon > p.lifetime_epsilon * (1 + 1e-9):
-        spent = privacy.epsilon_of(other_runs, p.max_delta)
+        spent = privacy.epsilon_of(other_runs, p.max_delta, planned.accountant)
         raise PolicyRefusal(
             "dp.epsilon",
             f"this data source has spent epsilon {spent:.3f} in other runs; this run's plan "

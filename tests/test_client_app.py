@@ -111,7 +111,7 @@ def test_a_forged_ledger_is_refused_not_trusted(tiny_model_dir, task_dir, tmp_pa
 
     msg, ctx = _setup(tiny_model_dir, task_dir, tmp_path)
     store = NodeStore(str(tmp_path), "run-1", "0")  # this node's store for the run (partition 0)
-    forged = {"target_epsilon": 1e9, "delta": 1e-5, "noise_multiplier": 0.001, "sample_rate": 0.02, "planned_steps": 10**6, "history": []}
+    forged = {"target_epsilon": 1e9, "delta": 1e-5, "noise_multiplier": 0.001, "sample_rate": 0.02, "planned_steps": 10**6, "history": [], "accountant": "rdp"}
     store.save_ledger(PrivacyLedger(**forged))
     with pytest.raises(node_errors.NodeError, match="E_LEDGER"):
         client_app.train(msg, ctx)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fedlora import data as data_mod
-from fedlora import node, wire
+from fedlora import node, privacy, wire
 from fedlora.config import ConfigError, parse_run_config
 from fedlora.privacy import BudgetExhausted
 
@@ -98,6 +98,18 @@ def test_a_node_never_trains_past_its_budget(run):
     with pytest.raises(BudgetExhausted):
         node.train_round(rt, arrays, 3, ledger)
     assert ledger.to_json() == before  # nothing spent by the refused round
+
+
+def test_a_stored_ledger_of_another_accountant_is_refused():
+    # Same target, noise and schedule: only the accountant differs, and with it what
+    # epsilon the stored history is worth.
+    planned = privacy.PrivacyLedger(3.0, 1e-5, noise_multiplier=0.9, sample_rate=0.02, planned_steps=40, accountant="prv")
+    stored = privacy.PrivacyLedger.from_json(planned.to_json())
+    stored.record(4)
+    node.check_ledger(stored, planned)  # the run's own ledger, after a round
+    stored.accountant = "rdp"
+    with pytest.raises(node.LedgerMismatch, match="accountant"):
+        node.check_ledger(stored, planned)
 
 
 @pytest.mark.slow  # trains four rounds

@@ -82,6 +82,19 @@ def test_a_weak_budget_asked_by_the_server_is_refused(tiny_model_dir, task_dir, 
     assert not os.path.exists(os.path.join(state, "ledgers"))  # refused before anything was spent
 
 
+def test_the_node_decides_which_accountant_may_bound_its_epsilon(tiny_model_dir, task_dir, tmp_path, own_data):
+    state = str(tmp_path / "state")
+    msg, rc = _message(tiny_model_dir, task_dir, tmp_path, **{"dp.epsilon": 2.0, "dp.accountant": "prv"})
+    _refused(
+        lambda: client_app.train(msg, _context(rc, {"data-path": own_data, "state-dir": state, "privacy.accountants": "rdp"})), "E_POLICY", "dp.accountant"
+    )
+    assert not os.path.exists(os.path.join(state, "ledgers"))  # refused before anything was spent
+    # No accountant at all is a broken policy, not one that refuses every run silently.
+    _refused(lambda: client_app.train(msg, _context(rc, {"data-path": own_data, "state-dir": state, "privacy.accountants": "none"})), "E_NODE_CONFIG")
+    reply = client_app.train(msg, _context(rc, {"data-path": own_data, "state-dir": state}))  # the default allows both
+    assert 0 < reply.content["metrics"]["epsilon"] <= 2.0
+
+
 def test_a_typo_in_a_policy_key_is_an_error_not_a_void_policy(tiny_model_dir, task_dir, tmp_path, own_data):
     msg, rc = _message(tiny_model_dir, task_dir, tmp_path, **{"dp.epsilon": 8.0})
     ctx = _context(rc, {"data-path": own_data, "state-dir": str(tmp_path / "state"), "privacy.max-epsilo": 3.0})
@@ -105,7 +118,13 @@ def test_the_budget_is_per_data_source_across_runs(tiny_model_dir, task_dir, tmp
     _refused(lambda: client_app.train(second, _context(rc, node_config)), "E_POLICY", "dp.epsilon")
     # What was spent, per source, for the node's operator.
     out = subprocess.run([sys.executable, "-m", "fedlora.tools.cli", "budget", "--state-dir", state], capture_output=True, text=True, check=True).stdout
-    assert os.path.realpath(own_data) in out and "1 run(s), 2 DP steps" in out
+    assert os.path.realpath(own_data) in out and "1 run(s), 2 DP steps" in out and "RDP accountant" in out
+    # The same history by PRV's tighter bound: a smaller epsilon, as the operator's other view.
+    prv = subprocess.run(
+        [sys.executable, "-m", "fedlora.tools.cli", "budget", "--state-dir", state, "--accountant", "prv"], capture_output=True, text=True, check=True
+    ).stdout
+    spent = [float(o.split("epsilon ")[2].split(" over")[0]) for o in (out, prv)]
+    assert "PRV accountant" in prv and 0 < spent[1] < spent[0]
 
 
 def test_client_evaluation_is_off_by_default_and_capped_when_on(tiny_model_dir, task_dir, tmp_path, own_data):

@@ -24,8 +24,8 @@ def _ieee_floats():
         yield
 
 
-def _model(tiny_model_dir, train_lora_a, train_head=True, lora_dropout=0.0):
-    run = parse_run_config({"model": tiny_model_dir, "train-head": train_head, "lora.dropout": lora_dropout})
+def _model(tiny_model_dir, train_lora_a, train_head=True, lora_dropout=0.0, layers=""):
+    run = parse_run_config({"model": tiny_model_dir, "train-head": train_head, "lora.dropout": lora_dropout, "lora.layers": layers})
     model = build_model(run, num_labels=3, train_lora_a=train_lora_a)
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():  # B = 0 at init makes A's gradient 0: give B values so both are tested
@@ -58,9 +58,12 @@ def _autograd_per_sample(model, enc):
     return {n: torch.stack(v) for n, v in out.items()}
 
 
+@pytest.mark.parametrize("layers", ["", "-1"], ids=["every-block", "top-block"])
 @pytest.mark.parametrize("train_lora_a", [True, False], ids=["lora", "ffa-lora"])
-def test_per_sample_gradients_equal_autograd(tiny_model_dir, train_lora_a):
-    model = _model(tiny_model_dir, train_lora_a)
+def test_per_sample_gradients_equal_autograd(tiny_model_dir, train_lora_a, layers):
+    # The top block alone: the frozen block below it leaves the autograd graph, and Opacus'
+    # hooks must still see every adapted layer.
+    model = _model(tiny_model_dir, train_lora_a, layers=layers)
     model.train()
     enc = _batch()
     reference = _autograd_per_sample(model, enc)
@@ -222,6 +225,40 @@ def test_ledger_epsilon_matches_independent_accounting_and_budget_holds():
         ledger.check(5)
     restored = privacy.PrivacyLedger.from_json(ledger.to_json())
     assert restored.epsilon() == eps and restored.steps_spent == 60
+
+
+def test_prv_accountant_calibrates_less_noise_for_the_same_budget():
+    from opacus.accountants import PRVAccountant
+    from opacus.accountants.utils import get_noise_multiplier
+
+    rdp = privacy.PrivacyLedger.plan(DPConfig(epsilon=2.0, delta=1e-5), num_examples=800, batch_size=16, planned_steps=60)
+    prv = privacy.PrivacyLedger.plan(DPConfig(epsilon=2.0, delta=1e-5, accountant="prv"), num_examples=800, batch_size=16, planned_steps=60)
+    assert (rdp.accountant, prv.accountant) == ("rdp", "prv")
+    # Opacus' own search over its PRV epsilon, to the bit, and less noise than RDP's bound allows.
+    kwargs = dict(target_epsilon=2.0, target_delta=1e-5, sample_rate=16 / 800, steps=60, epsilon_tolerance=privacy.EPSILON_TOLERANCE)
+    assert prv.noise_multiplier == get_noise_multiplier(accountant="prv", eps_error=privacy.PRV_EPS_ERROR, **kwargs)
+    assert prv.noise_multiplier < 0.97 * rdp.noise_multiplier
+    for _ in range(3):
+        prv.check(20)
+        prv.record(20)
+    acc = PRVAccountant()
+    acc.history = [(prv.noise_multiplier, 16 / 800, 60)]
+    assert prv.epsilon() == acc.get_epsilon(delta=1e-5, eps_error=privacy.PRV_EPS_ERROR)
+    assert 2.0 - privacy.EPSILON_TOLERANCE - 1e-9 <= prv.epsilon() <= 2.0
+    # The same history is worth more epsilon by RDP's looser bound: the accountant is part of the claim.
+    assert privacy.epsilon_of(prv.history, 1e-5) > 2.0
+    with pytest.raises(privacy.BudgetExhausted):
+        prv.check(5)
+    restored = privacy.PrivacyLedger.from_json(prv.to_json())
+    assert restored.accountant == "prv" and restored.epsilon() == prv.epsilon()
+
+
+def test_a_ledger_stored_before_the_accountant_choice_reads_as_rdp():
+    import json
+
+    stored = {"target_epsilon": 3.0, "delta": 1e-5, "noise_multiplier": 0.9, "sample_rate": 0.02, "planned_steps": 40, "history": [[0.9, 0.02, 8]]}
+    ledger = privacy.PrivacyLedger.from_json(json.dumps(stored))
+    assert ledger.accountant == "rdp" and ledger.epsilon() == privacy.epsilon_of([(0.9, 0.02, 8)], 1e-5, "rdp")
 
 
 @pytest.mark.parametrize(
