@@ -14,8 +14,14 @@ local steps of 16, the server's evaluation on 256 examples, one Ray actor of 2 C
 It prints the mean ``seconds`` of rounds >= 2 from each run's ``metrics.jsonl`` and the
 ratios: N = max / N = min for each way (goal: about 1), and without / with the shortcut;
 then the CPU seconds of the ``flwr-simulation`` process (Flower's loop and the ServerApp;
-sampled every 0.5 s) over each whole run. A run whose log does not show the shortcut
-where it should be (or shows it where it should not) stops the benchmark.
+sampled every 0.5 s) over each whole run; then, for each run, the time outside its rounds
+(the ``flwr run`` wall time minus every round's ``seconds``: start-up plus shut-down, so an
+upper bound of the start-up) and the peak memory of all its processes (the summed RSS, every
+0.5 s, of each process whose environment holds the run's own FLWR_HOME: ``flwr run``, the
+SuperLink it starts, ``flwr-simulation`` and Ray's processes; shared pages count once per
+process, so this over-counts), beside ``scale.py``'s goals (start-up <= 30 s, < 6 GiB).
+A run whose log does not show the shortcut where it should be (or shows it where it should
+not) stops the benchmark.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from scale import ROOT, _stat  # noqa: E402  (scale.py: the /proc reader, the repo root)
+from scale import GIB, MEMORY_GOAL_GIB, ROOT, STARTUP_GOAL_S, _stat  # noqa: E402  (scale.py: the /proc reader, the repo root, the goals)
 
 WAYS = (("shortcut", False), ("Flower's polling", True))
 SHORTCUT_LINE = "Flower's polling of idle nodes skips the message scan"  # the ServerApp's log line when installed
@@ -42,7 +48,8 @@ def run_once(nodes: int, flower_polling: bool, args: argparse.Namespace, work: s
     """One ``flwr run .`` of ``nodes`` nodes; the run's per-round seconds and its wall time."""
     name = f"{'f' if flower_polling else 's'}{nodes}"
     out = os.path.join(work, name)
-    env = {**os.environ, "FLWR_HOME": os.path.join(work, name + "-home"), "FEDLORA_NODES": str(nodes), "FEDLORA_CPUS_PER_CLIENT": str(args.cpus_per_client)}
+    home = os.path.join(work, name + "-home")
+    env = {**os.environ, "FLWR_HOME": home, "FEDLORA_NODES": str(nodes), "FEDLORA_CPUS_PER_CLIENT": str(args.cpus_per_client)}
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")  # this Python's flwr
     env.pop("FEDLORA_FLOWER_POLLING", None)
     if flower_polling:
@@ -64,8 +71,8 @@ def run_once(nodes: int, flower_polling: bool, args: argparse.Namespace, work: s
         "cache-dir": os.path.join(work, name + "-cache"),
     }
     pairs = [f"{k}={json.dumps(v)}" for k, v in config.items()]
-    started, cpu, stop = time.monotonic(), {}, threading.Event()
-    sampler = threading.Thread(target=_sample_cpu, args=(cpu, stop), daemon=True)
+    started, cpu, memory, stop = time.monotonic(), {}, {"peak": 0, "processes": 0}, threading.Event()
+    sampler = threading.Thread(target=_sample, args=(cpu, memory, f"FLWR_HOME={home}".encode(), stop), daemon=True)
     sampler.start()
     with open(os.path.join(work, name + ".log"), "w") as log:
         proc = subprocess.run(
@@ -79,6 +86,7 @@ def run_once(nodes: int, flower_polling: bool, args: argparse.Namespace, work: s
         with open(path) as f:
             rows += [json.loads(line) for line in f if line.strip()]
     seconds = [r["seconds"] for r in rows if r.get("round", 0) >= 2 and "seconds" in r]
+    in_rounds = sum(r["seconds"] for r in rows if r.get("round", 0) >= 1 and "seconds" in r)
     if proc.returncode != 0 or len(seconds) < args.rounds - 1:
         sys.exit(
             f"N={nodes} ({'Flower polling' if flower_polling else 'shortcut'}): the run failed (exit {proc.returncode}, {len(seconds)} rounds >= 2); see {log.name}"
@@ -89,27 +97,45 @@ def run_once(nodes: int, flower_polling: bool, args: argparse.Namespace, work: s
         sys.exit(
             f"N={nodes}: the ServerApp's shortcut was {'installed' if installed else 'not installed'} where it should {'not ' if flower_polling else ''}be; see {log.name}"
         )
-    return {"round": statistics.mean(seconds), "rounds": seconds, "wall": wall, "driver_cpu": sum(cpu.values())}
+    return {
+        "round": statistics.mean(seconds),
+        "rounds": seconds,
+        "wall": wall,
+        "outside_rounds": wall - in_rounds,
+        "driver_cpu": sum(cpu.values()),
+        "peak_gib": memory["peak"] / GIB,
+        "processes": memory["processes"],
+    }
 
 
-def _sample_cpu(cpu: dict[int, float], stop: threading.Event) -> None:
-    """Every 0.5 s, the CPU seconds (user + system) so far of each ``flwr-simulation``
-    process: the SuperLink's simulation process, where Flower's loop polls the nodes
-    and the ServerApp runs (the ClientApps run in Ray's actor processes)."""
-    tick = os.sysconf("SC_CLK_TCK")
+def _sample(cpu: dict[int, float], memory: dict[str, int], marker: bytes, stop: threading.Event) -> None:
+    """Every 0.5 s: the CPU seconds (user + system) so far of each ``flwr-simulation``
+    process (the SuperLink's simulation process, where Flower's loop polls the nodes and
+    the ServerApp runs; the ClientApps run in Ray's actor processes), and the summed RSS
+    of every process whose environment holds ``marker`` (this run's FLWR_HOME), with its
+    peak and the most such processes seen at once."""
+    tick, page = os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE")
     while not stop.wait(0.5):
+        rss = procs = 0
         for pid in os.listdir("/proc"):
             if not pid.isdigit():
                 continue
             try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    if marker not in f.read().split(b"\0"):
+                        continue
+                with open(f"/proc/{pid}/statm") as f:
+                    rss += int(f.read().split()[1]) * page
+                procs += 1
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
                     if not any(arg.endswith(b"flwr-simulation") for arg in f.read().split(b"\0")[:2]):  # [python, script]
                         continue
-            except OSError:  # gone meanwhile
+            except (OSError, ValueError, IndexError):  # gone meanwhile, or another user's
                 continue
             if (fields := _stat(int(pid))) is None:
                 continue
             cpu[int(pid)] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        memory["peak"], memory["processes"] = max(memory["peak"], rss), max(memory["processes"], procs)
 
 
 def main() -> None:
@@ -155,6 +181,19 @@ def main() -> None:
     print("|---|" + "---|" * len(clients))
     for way, _ in WAYS:
         print(f"| {way} | " + " | ".join(f"{results[way, n]['driver_cpu']:.1f} / {results[way, n]['wall']:.0f}" for n in clients) + " |")
+
+    print("\n| the run's processes | " + " | ".join(f"N = {n:,}" for n in clients) + " | goal (scale.py) |\n|---|" + "---|" * (len(clients) + 1))
+    for way, _ in WAYS:
+        print(
+            f"| {way}: s outside rounds (start-up + shut-down) | "
+            + " | ".join(f"{results[way, n]['outside_rounds']:.1f}" for n in clients)
+            + f" | start-up <= {STARTUP_GOAL_S:g} |"
+        )
+        print(
+            f"| {way}: peak GiB, summed RSS (processes) | "
+            + " | ".join(f"{results[way, n]['peak_gib']:.2f} ({results[way, n]['processes']})" for n in clients)
+            + f" | < {MEMORY_GOAL_GIB:g} |"
+        )
 
 
 if __name__ == "__main__":

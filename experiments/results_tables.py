@@ -302,6 +302,39 @@ def dp_share() -> None:
     print(f"{len(runs)} runs complete, {partial} incomplete; {_wall(name)}.\n")
 
 
+def dp_layers() -> None:
+    """experiments/sst2-dp-layers.toml: the reach base with LoRA in the top blocks only, and with the
+    PRV accountant, beside the reach base itself (every block, RDP) at the same seeds."""
+    name = "sst2-dp-layers"
+    runs, partial = _complete(name)
+    base = [r for r in _complete("sst2-dp-reach")[0] if r.config["dp.epsilon"] == 3 and r.config["batch-size"] == 512 and r.config["precision"] == "fp32"]
+    print(f"### LoRA in the top blocks only, and the PRV accountant (`experiments/{name}.toml`, beside the reach base)\n")
+    if runs:
+        minutes = {**_run_minutes("sst2-dp-reach"), **_run_minutes(name)}
+        print("| split | ε | blocks with LoRA | accountant | σ | seed | accuracy by round (0 = initial) | final | best (round) | ε spent | minutes |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        seeds = {r.config["seed"] for r in runs}
+
+        def key(r: Run) -> tuple:
+            c = r.config
+            return c["partition.method"] != "iid", -c["dp.epsilon"] or 9, c.get("lora.layers", ""), c.get("dp.accountant", "rdp"), c["seed"]
+
+        for r in sorted([b for b in base if b.config["seed"] in seeds] + runs, key=key):
+            c = r.config
+            curve = " → ".join(f"{x['accuracy']:.3f}" for x in r.rows)
+            best = max(r.rows[1:], key=lambda x: x["accuracy"])
+            sigmas = {m["noise-multiplier"] for x in r.rows for m in x.get("client_metrics", {}).values() if "noise-multiplier" in m}
+            sigma = "/".join(f"{v:.3f}" for v in sorted(sigmas)) or "–"
+            blocks = c.get("lora.layers") or "all"
+            print(
+                f"| {c['partition.method']} | {_eps(c['dp.epsilon'])} | {blocks}{' (reach base)' if r in base else ''} | {c.get('dp.accountant', 'rdp')} | {sigma} | "
+                f"{c['seed']} | {curve} | {r.final['accuracy']:.3f} | {best['accuracy']:.3f} ({best['round']}) | {r.final['epsilon']:.3f} | "
+                f"{minutes.get(os.path.basename(r.path), 0):.1f} |"
+            )
+        print()
+    print(f"{len(runs)} runs complete, {partial} incomplete; {_wall(name)}.\n")
+
+
 def main_grid() -> None:
     runs, partial = _complete("sst2")
     reference, ref_partial = _complete("sst2-nonprivate")  # the non-private row: its own grid and rates
@@ -486,6 +519,7 @@ if __name__ == "__main__":
     dp_reach()
     dp_ema()
     dp_share()
+    dp_layers()
     sweep()
     main_grid()
     for target in targets:

@@ -4,8 +4,8 @@
 multiplier calibrated once for the whole run, the accountant (Opacus' RDP, or its
 PRV for a tighter bound), and the history of (noise multiplier, sample rate,
 steps) — the exact state Opacus' accountants keep, so it can be stored in the
-node's persistent state and the epsilon recomputed by anyone. ``dp_components`` wraps a model and optimizer for
-DP-SGD with Poisson sampling.
+node's persistent state and the epsilon recomputed by anyone. ``dp_components``
+wraps a model and optimizer for DP-SGD with Poisson sampling.
 """
 
 from __future__ import annotations
@@ -205,8 +205,22 @@ def epsilon_of(history: Sequence[tuple[float, float, int]], delta: float, accoun
         raise ValueError(f"unknown accountant {accountant!r}")
     with _ieee_floats():
         if accountant == "prv":
-            return _prv_epsilon(tuple((float(s), float(q), int(n)) for s, q, n in history), float(delta))
+            return _prv_epsilon(_merged(history), float(delta))
         return _spent(history, delta)[0]
+
+
+def _merged(history: Sequence[tuple[float, float, int]]) -> tuple[tuple[float, float, int], ...]:
+    """The history with consecutive entries of one (noise, rate) merged, as Opacus'
+    ``PRVAccountant.step`` keeps it: the same composition, and one discretisation of it,
+    whether the steps were recorded in one entry or several (a ledger's ``epsilon_after``
+    and, once recorded, its ``epsilon``)."""
+    out: list[tuple[float, float, int]] = []
+    for s, q, n in history:
+        if out and out[-1][:2] == (float(s), float(q)):
+            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + int(n))
+        else:
+            out.append((float(s), float(q), int(n)))
+    return tuple(out)
 
 
 @functools.lru_cache(maxsize=64)

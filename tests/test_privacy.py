@@ -249,6 +249,10 @@ def test_prv_accountant_calibrates_less_noise_for_the_same_budget():
     assert privacy.epsilon_of(prv.history, 1e-5) > 2.0
     with pytest.raises(privacy.BudgetExhausted):
         prv.check(5)
+    # Steps recorded in one entry or several are one composition: the epsilon a check allowed is
+    # the one the ledger then reports.
+    split = [(prv.noise_multiplier, 16 / 800, 20)] * 3
+    assert privacy.epsilon_of(split, 1e-5, "prv") == prv.epsilon()
     restored = privacy.PrivacyLedger.from_json(prv.to_json())
     assert restored.accountant == "prv" and restored.epsilon() == prv.epsilon()
 
