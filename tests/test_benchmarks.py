@@ -43,3 +43,16 @@ def test_dp_ops_benchmark_finds_one_norm_per_clipped_tensor_and_times_all_six_st
     # Both Linear samplers ran (and were timed) in the timed steps.
     assert set(r["linear_sampler_seconds"]) == {"dp, no noise", "dp, no noise, Opacus' Linear einsum"}
     assert all(v > 0 for v in r["linear_sampler_seconds"].values())
+
+
+def test_layers_benchmark_times_both_ways_on_the_same_batches(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import layers
+    finally:
+        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    # No SST-2 under tmp_path: the synthetic task, as a run would fall back.
+    r = layers.step_seconds("-3,-2,-1", batch_size=16, micro=8, steps=2, data_dir=str(tmp_path))
+    # FFA-LoRA trains B of query and value (384 x 8 each) per adapted block, and the head (384 x 2 + 2).
+    assert r[""]["trained"] == 6 * 2 * 384 * 8 + 770 and r["-3,-2,-1"]["trained"] == 3 * 2 * 384 * 8 + 770
+    assert r[""]["median_s"] > 0 and r["-3,-2,-1"]["median_s"] > 0
