@@ -7,13 +7,15 @@ For a client of ``--examples`` sentences (a third of SST-2's training split) at
 ε = 3 and 1, δ = 1e-5: sigma as fedlora's ledger calibrates it (Opacus' RDP
 accountant, or its PRV accountant with ``--accountant prv``), and sigma·sqrt(d)/B, the expected norm of the noise on the mean of a
 step's clipped gradients in units of the clipping norm (d = ``--trained`` values:
-FFA-LoRA's B on query and value of MiniLM plus the head).
+FFA-LoRA's B on query and value of MiniLM plus the head), and the seconds the
+calibration took.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import time
 
 from fedlora.config import parse_run_config
 from fedlora.privacy import calibrate_noise
@@ -28,12 +30,14 @@ def main() -> None:
     p.add_argument("--accountant", choices=["rdp", "prv"], default="rdp")
     args = p.parse_args()
     print(f"accountant: {args.accountant}")
-    print("epsilon | expected batch | steps | sentences per client | sigma | noise norm on the mean / C")
+    print("epsilon | expected batch | steps | sentences per client | sigma | noise norm on the mean / C | calibration s")
     for eps in (3.0, 1.0):
         dp = parse_run_config({"dp.epsilon": eps, "dp.accountant": args.accountant}).dp
         for batch, steps in SCHEDULES:
+            start = time.perf_counter()
             sigma = calibrate_noise(dp, batch / args.examples, steps)
-            print(f"{eps:g} | {batch} | {steps} | {batch * steps} | {sigma:.3f} | {sigma * math.sqrt(args.trained) / batch:.3f}")
+            seconds = time.perf_counter() - start
+            print(f"{eps:g} | {batch} | {steps} | {batch * steps} | {sigma:.3f} | {sigma * math.sqrt(args.trained) / batch:.3f} | {seconds:.2f}")
 
 
 if __name__ == "__main__":
