@@ -184,16 +184,15 @@ def main() -> None:
 
     print("\n| the run's processes | " + " | ".join(f"N = {n:,}" for n in clients) + " | goal (scale.py) |\n|---|" + "---|" * (len(clients) + 1))
     for way, _ in WAYS:
-        print(
-            f"| {way}: s outside rounds (start-up + shut-down) | "
-            + " | ".join(f"{results[way, n]['outside_rounds']:.1f}" for n in clients)
-            + f" | start-up <= {STARTUP_GOAL_S:g} |"
-        )
-        print(
-            f"| {way}: peak GiB, summed RSS (processes) | "
-            + " | ".join(f"{results[way, n]['peak_gib']:.2f} ({results[way, n]['processes']})" for n in clients)
-            + f" | < {MEMORY_GOAL_GIB:g} |"
-        )
+        cells = {
+            "s outside rounds (start-up + shut-down)": ([f"{results[way, n]['outside_rounds']:.1f}" for n in clients], f"start-up <= {STARTUP_GOAL_S:g}"),
+            "peak GiB, summed RSS (processes)": (
+                [f"{results[way, n]['peak_gib']:.2f} ({results[way, n]['processes']})" for n in clients],
+                f"< {MEMORY_GOAL_GIB:g}",
+            ),
+        }
+        for what, (values, goal) in cells.items():
+            print(f"| {way}: {what} | " + " | ".join(values) + f" | {goal} |")
 
 
 if __name__ == "__main__":

@@ -277,26 +277,36 @@ def dp_ema() -> None:
     print(f"{len(runs)} runs complete, {partial} incomplete; {_wall(name)}.\n")
 
 
+def _reach_base_at(runs: list[Run]) -> list[Run]:
+    """The reach base's DP runs (batch 512, float32) at the seeds of ``runs``, to print beside them."""
+    seeds = {r.config["seed"] for r in runs}
+    reach = _complete("sst2-dp-reach")[0]
+    return [r for r in reach if r.config["dp.epsilon"] == 3 and r.config["batch-size"] == 512 and r.config["precision"] == "fp32" and r.config["seed"] in seeds]
+
+
+def _outcome(r: Run, minutes: dict[str, float]) -> str:
+    """A run's table cells: its curve, final and best accuracy, epsilon spent and minutes."""
+    curve = " → ".join(f"{x['accuracy']:.3f}" for x in r.rows)
+    best = max(r.rows[1:], key=lambda x: x["accuracy"])
+    return f"{curve} | {r.final['accuracy']:.3f} | {best['accuracy']:.3f} ({best['round']}) | {r.final['epsilon']:.3f} | {minutes.get(os.path.basename(r.path), 0):.1f}"
+
+
 def dp_share() -> None:
     """experiments/sst2-dp-share.toml: the reach base with less of the clipping norm for the head,
     beside the reach base itself (head share 0.5, same seed)."""
     name = "sst2-dp-share"
     runs, partial = _complete(name)
-    base = [r for r in _complete("sst2-dp-reach")[0] if r.config["dp.epsilon"] == 3 and r.config["batch-size"] == 512 and r.config["precision"] == "fp32"]
     print(f"### Less of the clipping norm for the head (`experiments/{name}.toml`, beside the reach base)\n")
     if runs:
         minutes = {**_run_minutes("sst2-dp-reach"), **_run_minutes(name)}
+        base = _reach_base_at(runs)
         print("| head-share | head / adapter clipping norm | seed | accuracy by round (0 = initial) | final | best (round) | ε spent | minutes |")
         print("|---|---|---|---|---|---|---|---|")
-        seeds = {r.config["seed"] for r in runs}
-        for r in sorted([b for b in base if b.config["seed"] in seeds] + runs, key=lambda r: (-r.config["dp.head-share"], r.config["seed"])):
+        for r in sorted(base + runs, key=lambda r: (-r.config["dp.head-share"], r.config["seed"])):
             c = r.config
             share, norm = c["dp.head-share"], c["dp.max-grad-norm"]
-            curve = " → ".join(f"{x['accuracy']:.3f}" for x in r.rows)
-            best = max(r.rows[1:], key=lambda x: x["accuracy"])
             print(
-                f"| {share:g}{' (reach base)' if r in base else ''} | {norm * share**0.5:.3f} / {norm * (1 - share) ** 0.5:.3f} | {c['seed']} | {curve} | "
-                f"{r.final['accuracy']:.3f} | {best['accuracy']:.3f} ({best['round']}) | {r.final['epsilon']:.3f} | {minutes.get(os.path.basename(r.path), 0):.1f} |"
+                f"| {share:g}{' (reach base)' if r in base else ''} | {norm * share**0.5:.3f} / {norm * (1 - share) ** 0.5:.3f} | {c['seed']} | {_outcome(r, minutes)} |"
             )
         print()
     print(f"{len(runs)} runs complete, {partial} incomplete; {_wall(name)}.\n")
@@ -307,29 +317,25 @@ def dp_layers() -> None:
     PRV accountant, beside the reach base itself (every block, RDP) at the same seeds."""
     name = "sst2-dp-layers"
     runs, partial = _complete(name)
-    base = [r for r in _complete("sst2-dp-reach")[0] if r.config["dp.epsilon"] == 3 and r.config["batch-size"] == 512 and r.config["precision"] == "fp32"]
     print(f"### LoRA in the top blocks only, and the PRV accountant (`experiments/{name}.toml`, beside the reach base)\n")
     if runs:
         minutes = {**_run_minutes("sst2-dp-reach"), **_run_minutes(name)}
+        base = _reach_base_at(runs)
         print("| split | ε | blocks with LoRA | accountant | σ | seed | accuracy by round (0 = initial) | final | best (round) | ε spent | minutes |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")
-        seeds = {r.config["seed"] for r in runs}
 
         def key(r: Run) -> tuple:
             c = r.config
             return c["partition.method"] != "iid", -c["dp.epsilon"] or 9, c.get("lora.layers", ""), c.get("dp.accountant", "rdp"), c["seed"]
 
-        for r in sorted([b for b in base if b.config["seed"] in seeds] + runs, key=key):
+        for r in sorted(base + runs, key=key):
             c = r.config
-            curve = " → ".join(f"{x['accuracy']:.3f}" for x in r.rows)
-            best = max(r.rows[1:], key=lambda x: x["accuracy"])
             sigmas = {m["noise-multiplier"] for x in r.rows for m in x.get("client_metrics", {}).values() if "noise-multiplier" in m}
             sigma = "/".join(f"{v:.3f}" for v in sorted(sigmas)) or "–"
             blocks = c.get("lora.layers") or "all"
             print(
                 f"| {c['partition.method']} | {_eps(c['dp.epsilon'])} | {blocks}{' (reach base)' if r in base else ''} | {c.get('dp.accountant', 'rdp')} | {sigma} | "
-                f"{c['seed']} | {curve} | {r.final['accuracy']:.3f} | {best['accuracy']:.3f} ({best['round']}) | {r.final['epsilon']:.3f} | "
-                f"{minutes.get(os.path.basename(r.path), 0):.1f} |"
+                f"{c['seed']} | {_outcome(r, minutes)} |"
             )
         print()
     print(f"{len(runs)} runs complete, {partial} incomplete; {_wall(name)}.\n")
