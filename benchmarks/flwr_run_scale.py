@@ -14,9 +14,11 @@ local steps of 16, the server's evaluation on 256 examples, one Ray actor of 2 C
 It prints the mean ``seconds`` of rounds >= 2 from each run's ``metrics.jsonl`` and the
 ratios: N = max / N = min for each way (goal: about 1), and without / with the shortcut;
 then the CPU seconds of the ``flwr-simulation`` process (Flower's loop and the ServerApp;
-sampled every 0.5 s) over each whole run; then, for each run, the time outside its rounds
-(the ``flwr run`` wall time minus every round's ``seconds``: start-up plus shut-down, so an
-upper bound of the start-up) and the peak memory of all its processes (the summed RSS, every
+sampled every 0.5 s) over each whole run; then, for each run, its start-up (from launching
+``flwr run`` until its log shows round 1 sampling its nodes, checked every 0.5 s: the local
+SuperLink, the app's install, Ray, the ServerApp's model and data, round 0's evaluation), the
+time outside its rounds (the ``flwr run`` wall time minus every round's ``seconds``: start-up
+plus shut-down) and the peak memory of all its processes (the summed RSS, every
 0.5 s, of each process whose environment holds the run's own FLWR_HOME: ``flwr run``, the
 SuperLink it starts, ``flwr-simulation`` and Ray's processes; shared pages count once per
 process, so this over-counts), beside ``scale.py``'s goals (start-up <= 30 s, < 6 GiB).
@@ -41,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from scale import GIB, MEMORY_GOAL_GIB, ROOT, STARTUP_GOAL_S, _stat  # noqa: E402  (scale.py: the /proc reader, the repo root, the goals)
 
 WAYS = (("shortcut", False), ("Flower's polling", True))
+ROUND1_LINE = "configure_train: Sampled"  # Flower's strategy, as round 1 begins
 SHORTCUT_LINE = "Flower's polling of idle nodes skips the message scan"  # the ServerApp's log line when installed
 
 
@@ -71,10 +74,11 @@ def run_once(nodes: int, flower_polling: bool, args: argparse.Namespace, work: s
         "cache-dir": os.path.join(work, name + "-cache"),
     }
     pairs = [f"{k}={json.dumps(v)}" for k, v in config.items()]
-    started, cpu, memory, stop = time.monotonic(), {}, {"peak": 0, "processes": 0}, threading.Event()
-    sampler = threading.Thread(target=_sample, args=(cpu, memory, f"FLWR_HOME={home}".encode(), stop), daemon=True)
+    log_path = os.path.join(work, name + ".log")
+    started, cpu, memory, stop = time.monotonic(), {}, {"peak": 0, "processes": 0, "round1": None}, threading.Event()
+    sampler = threading.Thread(target=_sample, args=(cpu, memory, f"FLWR_HOME={home}".encode(), log_path, started, stop), daemon=True)
     sampler.start()
-    with open(os.path.join(work, name + ".log"), "w") as log:
+    with open(log_path, "w") as log:
         proc = subprocess.run(
             ["bash", os.path.join(ROOT, "scripts", "flwr-sim.sh"), *pairs], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout
         )
@@ -102,14 +106,16 @@ def run_once(nodes: int, flower_polling: bool, args: argparse.Namespace, work: s
         "rounds": seconds,
         "wall": wall,
         "outside_rounds": wall - in_rounds,
+        "startup": memory["round1"],
         "driver_cpu": sum(cpu.values()),
         "peak_gib": memory["peak"] / GIB,
         "processes": memory["processes"],
     }
 
 
-def _sample(cpu: dict[int, float], memory: dict[str, int], marker: bytes, stop: threading.Event) -> None:
-    """Every 0.5 s: the CPU seconds (user + system) so far of each ``flwr-simulation``
+def _sample(cpu: dict[int, float], memory: dict, marker: bytes, log_path: str, started: float, stop: threading.Event) -> None:
+    """Every 0.5 s: the seconds from ``started`` until the run's log first shows round 1
+    sampling its nodes (``ROUND1_LINE``: the start-up, to within 0.5 s), the CPU seconds (user + system) so far of each ``flwr-simulation``
     process (the SuperLink's simulation process, where Flower's loop polls the nodes and
     the ServerApp runs; the ClientApps run in Ray's actor processes), and the summed RSS
     of every process whose environment holds ``marker`` (this run's FLWR_HOME), with its
@@ -136,6 +142,13 @@ def _sample(cpu: dict[int, float], memory: dict[str, int], marker: bytes, stop: 
                 continue
             cpu[int(pid)] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
         memory["peak"], memory["processes"] = max(memory["peak"], rss), max(memory["processes"], procs)
+        if memory["round1"] is None:
+            try:
+                with open(log_path, errors="replace") as f:
+                    if ROUND1_LINE in f.read():
+                        memory["round1"] = time.monotonic() - started
+            except OSError:  # not created yet
+                pass
 
 
 def main() -> None:
@@ -185,7 +198,11 @@ def main() -> None:
     print("\n| the run's processes | " + " | ".join(f"N = {n:,}" for n in clients) + " | goal (scale.py) |\n|---|" + "---|" * (len(clients) + 1))
     for way, _ in WAYS:
         cells = {
-            "s outside rounds (start-up + shut-down)": ([f"{results[way, n]['outside_rounds']:.1f}" for n in clients], f"start-up <= {STARTUP_GOAL_S:g}"),
+            "start-up s (flwr run -> round 1 samples)": (
+                [f"{results[way, n]['startup']:.1f}" if results[way, n]["startup"] is not None else "not seen" for n in clients],
+                f"<= {STARTUP_GOAL_S:g}",
+            ),
+            "s outside rounds (start-up + shut-down)": ([f"{results[way, n]['outside_rounds']:.1f}" for n in clients], "reported"),
             "peak GiB, summed RSS (processes)": (
                 [f"{results[way, n]['peak_gib']:.2f} ({results[way, n]['processes']})" for n in clients],
                 f"< {MEMORY_GOAL_GIB:g}",

@@ -33,6 +33,20 @@ def _fmt(values: list[float], digits: int = 3) -> str:
     return f"{m:.{digits}f} ± {s:.{digits}f} (n={len(values)})" if len(values) > 1 else f"{m:.{digits}f} (n=1)"
 
 
+def _evaluated(rows: list[dict]) -> list[dict]:
+    """The rounds the server evaluated (``eval.every`` skips some)."""
+    return [x for x in rows if x.get("accuracy") is not None]
+
+
+def _curve(rows: list[dict]) -> str:
+    return " → ".join(f"{x['accuracy']:.3f}" for x in _evaluated(rows))
+
+
+def _best(rows: list[dict]) -> dict:
+    """The evaluated round with the highest accuracy after round 0."""
+    return max(_evaluated(rows[1:]), key=lambda x: x["accuracy"])
+
+
 def _eps(e: float) -> str:
     return "non-private" if not e else f"{e:g}"
 
@@ -62,7 +76,7 @@ def sweep() -> None:
         return r.config.get("num-server-rounds", 4), r.config.get("local-steps", 10)
 
     for r in sorted(runs, key=lambda r: (-r.config.get("dp.epsilon", 3.0), r.config["strategy"], r.config["learning-rate"], schedule(r))):
-        curve = " → ".join(f"{x['accuracy']:.3f}" for x in r.rows)
+        curve = _curve(r.rows)
         print(
             f"| {_eps(r.config.get('dp.epsilon', 3.0))} | {r.config['strategy']} | {r.config['learning-rate']:g} | "
             f"{'{} × {}'.format(*schedule(r))} | {curve} | **{r.final['accuracy']:.4f}** | {r.final['epsilon']:.3f} |"
@@ -93,7 +107,7 @@ def recipe() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for r in sorted(runs, key=lambda r: (-r.config.get("dp.epsilon", 3.0), r.config["strategy"], _clipping(r), r.config["learning-rate"])):
         c = r.config
-        curve = " → ".join(f"{x['accuracy']:.3f}" for x in r.rows)
+        curve = _curve(r.rows)
         shape = f"{c['num-server-rounds']} × {c['local-steps']} × {c['batch-size']}"
         print(
             f"| {_eps(c.get('dp.epsilon', 3.0))} | {c['strategy']} | {_clipping(r) if c.get('dp.epsilon', 3.0) else '–'} | {c['learning-rate']:g} | {shape} | "
@@ -138,7 +152,7 @@ def _by_round(runs: list[Run], minutes: dict[str, float]) -> None:
     print("|---|---|---|---|---|---|---|---|")
     for r in sorted(runs, key=lambda r: (r.config["partition.method"], -r.config["dp.epsilon"] or 9, r.config["strategy"])):
         c = r.config
-        curve = " → ".join(f"{x['accuracy']:.3f}" for x in r.rows)
+        curve = _curve(r.rows)
         shape = f"{c['num-server-rounds']} × {c['local-steps']} × {c['batch-size']}"
         print(
             f"| {c['partition.method']} | {_eps(c['dp.epsilon'])} | {c['strategy']} | {c['learning-rate']:g} | {shape} | {curve} | "
@@ -228,8 +242,8 @@ def _run_table(name: str, title: str) -> None:
 
         for r in sorted(runs, key=key):
             c = r.config
-            curve = " → ".join(f"{x['accuracy']:.3f}" for x in r.rows)
-            best = max(r.rows[1:], key=lambda x: x["accuracy"])
+            curve = _curve(r.rows)
+            best = _best(r.rows)
             print(
                 f"| {c['partition.method']} | {_eps(c['dp.epsilon'])} | {c['strategy']} | {c['lr-schedule']} {c['learning-rate']:g} | {c['seed']} | "
                 f"{c['max-length']} | {c['precision']} | {c['num-server-rounds']} × {c['local-steps']} × {c['batch-size']} | {curve} | {r.final['accuracy']:.3f} | "
@@ -264,7 +278,7 @@ def dp_ema() -> None:
         print("|---|---|---|---|---|---|---|---|")
         for r in sorted(runs, key=lambda r: r.config["seed"]):
             c, rows = r.config, r.rows[1:]
-            curve = " → ".join(f"{x['accuracy']:.3f}" for x in rows)
+            curve = _curve(rows)
             ema = " → ".join(f"{x['ema_accuracy']:.3f}" for x in rows)
             best = max(rows, key=lambda x: x["accuracy"])
             best_ema = max(rows, key=lambda x: x["ema_accuracy"])
@@ -286,8 +300,8 @@ def _reach_base_at(runs: list[Run]) -> list[Run]:
 
 def _outcome(r: Run, minutes: dict[str, float]) -> str:
     """A run's table cells: its curve, final and best accuracy, epsilon spent and minutes."""
-    curve = " → ".join(f"{x['accuracy']:.3f}" for x in r.rows)
-    best = max(r.rows[1:], key=lambda x: x["accuracy"])
+    curve = _curve(r.rows)
+    best = _best(r.rows)
     return f"{curve} | {r.final['accuracy']:.3f} | {best['accuracy']:.3f} ({best['round']}) | {r.final['epsilon']:.3f} | {minutes.get(os.path.basename(r.path), 0):.1f}"
 
 
@@ -370,7 +384,7 @@ def communication(target: float) -> None:
         clients = reps[0].rows[1]["clients"]
         reached = []
         for r in reps:
-            hit = next((x for x in r.rows if x["accuracy"] >= target), None)
+            hit = next((x for x in _evaluated(r.rows) if x["accuracy"] >= target), None)
             reached.append((hit["round"], hit["cum_bytes_up"]) if hit else None)
         got = [x for x in reached if x]
         rounds = f"{mean_std([x[0] for x in got])[0]:.1f} ({len(got)}/{len(reached)} seeds)" if got else f"not reached (0/{len(reached)})"
@@ -432,7 +446,7 @@ def rte() -> None:
         return
     print("| strategy | final accuracy | best accuracy |\n|---|---|---|")
     for (s,), reps in sorted(_by(runs, "strategy").items()):
-        print(f"| {s} | {_fmt([r.final['accuracy'] for r in reps])} | {_fmt([max(x['accuracy'] for x in r.rows) for r in reps])} |")
+        print(f"| {s} | {_fmt([r.final['accuracy'] for r in reps])} | {_fmt([max(x['accuracy'] for x in _evaluated(r.rows)) for r in reps])} |")
     majority = {r.majority for r in runs}
     if majority:
         print(f"\nMajority class of RTE validation: {max(majority):.4f}.")

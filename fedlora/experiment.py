@@ -50,6 +50,8 @@ def _versions() -> dict[str, str]:
 
 def _quality(measured: dict[str, float]) -> str:
     """The eval metrics for a log line: accuracy (exact match) when measured, loss, perplexity."""
+    if measured["loss"] is None:
+        return "not evaluated (eval.every)"
     parts = [f"acc {measured['accuracy']:.4f}"] if "accuracy" in measured else []
     parts.append(f"loss {measured['loss']:.4f}")
     if "perplexity" in measured:
@@ -310,13 +312,16 @@ class Experiment:
 
     def evaluate_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Centralised evaluation of the global adapter (and of its moving average, with
-        ``eval.ema-decay``); writes the round's metrics line."""
+        ``eval.ema-decay``) in the rounds ``eval.every`` picks; writes the round's metrics
+        line (``accuracy`` / ``loss`` null in the others)."""
         self.final_arrays = arrays
         stats = self.strategy.rounds.get(server_round) if self.strategy else None
+        due = self.evaluates(server_round)
         ema = None
         if stats and self.run.eval.ema_decay > 0:
-            ema = self._evaluate(self.update_ema(arrays))
-        measured = self._evaluate(arrays)
+            averaged = self.update_ema(arrays)  # every round: skipping evaluations must not change the average
+            ema = self._evaluate(averaged) if due else None
+        measured = self._evaluate(arrays) if due else {"loss": None}
         acc, loss = measured.get("accuracy"), measured["loss"]  # causal-lm without eval.generate: no accuracy
         row = self._metrics_row(server_round, acc, loss, stats)
         row.update({k: v for k, v in measured.items() if k not in ("accuracy", "loss")})  # perplexity, exact_match
@@ -344,7 +349,12 @@ class Experiment:
             )
         else:
             log.info("round 0 (initial model) | %s", _quality(measured))
-        return MetricRecord(measured)
+        return MetricRecord({k: v for k, v in measured.items() if v is not None})  # empty in a round eval.every skips
+
+    def evaluates(self, server_round: int) -> bool:
+        """Whether the server evaluates after ``server_round``: round 0, the last round, and
+        every ``eval.every``-th."""
+        return server_round in (0, self.run.num_server_rounds) or server_round % self.run.eval.every == 0
 
     def _metrics_row(self, server_round: int, acc: float, loss: float, stats) -> dict[str, Any]:
         """One line of metrics.jsonl."""

@@ -168,11 +168,12 @@ class RunFolder:
         """``result.json``, the mark of a complete run, from the metrics rows."""
         rows = self.metrics()
         last = rows[-1]
+        measured = [r["accuracy"] for r in rows if r.get("accuracy") is not None]  # eval.every skips rounds; causal-lm may have none
         result = {
             "rounds": last["round"],
             "accuracy": last["accuracy"],
             "loss": last["loss"],
-            "best_accuracy": max(r["accuracy"] for r in rows),
+            "best_accuracy": max(measured) if measured else None,
             "epsilon": last["epsilon"],
             "cum_bytes_up": last["cum_bytes_up"],
             "cum_bytes_down": last["cum_bytes_down"],

@@ -56,3 +56,36 @@ def test_layers_benchmark_times_both_ways_on_the_same_batches(tmp_path):
     # FFA-LoRA trains B of query and value (384 x 8 each) per adapted block, and the head (384 x 2 + 2).
     assert r[""]["trained"] == 6 * 2 * 384 * 8 + 770 and r["-3,-2,-1"]["trained"] == 3 * 2 * 384 * 8 + 770
     assert r[""]["median_s"] > 0 and r["-3,-2,-1"]["median_s"] > 0
+
+
+def test_flwr_run_scale_reads_the_start_up_off_the_runs_log(tmp_path):
+    import threading
+    import time
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import flwr_run_scale
+    finally:
+        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    log = tmp_path / "run.log"
+    cpu, memory, stop = {}, {"peak": 0, "processes": 0, "round1": None}, threading.Event()
+    started = time.monotonic()
+    # No process carries this marker, so only the log is watched; the log appears later, as flwr run's does.
+    sampler = threading.Thread(target=flwr_run_scale._sample, args=(cpu, memory, b"FLWR_HOME=/nonexistent", str(log), started, stop), daemon=True)
+    sampler.start()
+    try:
+        time.sleep(0.7)
+        log.write_text("Starting local SuperLink\nround 0 (initial model)\n")
+        time.sleep(0.7)
+        assert memory["round1"] is None  # round 0 is still start-up
+        written = time.monotonic() - started
+        with log.open("a") as f:
+            f.write(f"INFO :      {flwr_run_scale.ROUND1_LINE} 10 nodes (out of 1000)\n")
+        deadline = time.monotonic() + 10
+        while memory["round1"] is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        sampler.join()
+    assert memory["round1"] is not None and memory["round1"] >= written
+    assert memory["peak"] == 0 and cpu == {}

@@ -210,3 +210,32 @@ def test_resume_accepts_a_run_that_predates_a_setting_left_at_its_default(tmp_pa
     assert Experiment(parse_run_config({**common, "resume": True})).start_round == 2
     with pytest.raises(ConfigError, match=r"different config \(user_dp.mode\)"):
         Experiment(parse_run_config({**common, "resume": True, "user-dp.mode": "server-fixed"}))
+
+
+def test_eval_every_skips_the_servers_evaluation_between_rounds_and_changes_nothing_else(tmp_path, e2e_task):
+    from fedlora.tools.report import find_runs
+
+    settings = {"strategy": "ffa-lora", "local-steps": 4, "num-server-rounds": 4, "eval.ema-decay": 0.75, **METHOD["ffa-lora"]}
+    sparse_dir, sparse = _run(tmp_path / "sparse", e2e_task, **settings, **{"eval.every": 3})
+    _, each = _run(tmp_path / "each", e2e_task, **settings)
+    # Round 0, every third round and the last are evaluated; rounds 1 and 2 are not.
+    assert [r["loss"] is None for r in sparse] == [False, True, True, False, False]
+    for a, b in zip(sparse, each):
+        assert a["epsilon"] == b["epsilon"] and a["bytes_up"] == b["bytes_up"]  # training and privacy as before
+        if a["loss"] is None:
+            assert a["accuracy"] is None and "ema_accuracy" not in a
+        else:  # the same model measured the same: skipping evaluations does not change training or the average
+            assert (a["accuracy"], a["loss"], a.get("ema_loss")) == (b["accuracy"], b["loss"], b.get("ema_loss"))
+    result = json.load(open(os.path.join(sparse_dir, "result.json")))
+    assert result["best_accuracy"] == max(r["accuracy"] for r in sparse if r["accuracy"] is not None)
+    # A run stopped after an unevaluated round reports its last evaluated one as final.
+    (run,) = find_runs([str(tmp_path / "sparse")])
+    run.rows = sparse[:3]
+    assert run.final is sparse[0]
+
+
+def test_eval_every_must_be_positive():
+    from fedlora.config import ConfigError, parse_run_config
+
+    with pytest.raises(ConfigError, match="eval.every"):
+        parse_run_config({"eval.every": 0})

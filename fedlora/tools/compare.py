@@ -230,7 +230,8 @@ class Progress:
             print(f"[{index}/{self.total}] {name}: starting at round {done_rounds + 1}/{rounds}", flush=True)
 
     def round(self, row: dict[str, Any]) -> None:
-        text = f"acc {row['accuracy']:.4f} eps {row['epsilon']:.2f}"
+        acc = "not evaluated" if row.get("accuracy") is None else f"acc {row['accuracy']:.4f}"  # eval.every, or causal-lm's loss only
+        text = f"{acc} eps {row['epsilon']:.2f}"
         if self.tty:
             self.rounds.update(1)
             self.rounds.set_postfix_str(text)

@@ -51,7 +51,9 @@ class Run:
 
     @property
     def final(self) -> dict[str, Any]:
-        return self.rows[-1]
+        """The last row the server evaluated (a complete run's last row; ``eval.every`` can
+        leave an incomplete run's last rows without an evaluation)."""
+        return next((r for r in reversed(self.rows) if r.get("loss") is not None), self.rows[-1])
 
 
 def find_runs(folders: list[str]) -> list[Run]:
@@ -101,10 +103,13 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def _curve(runs: list[Run], x_key: str, y_key: str) -> tuple[list[float], list[float], list[float]]:
-    """Mean and std of y over the replicates, at the rounds all of them reached."""
+    """Mean and std of y over the replicates, at the rounds all of them reached and
+    measured (``eval.every`` leaves rounds without an evaluation)."""
     n = min(len(r.rows) for r in runs)
     xs, ys, sd = [], [], []
     for i in range(n):
+        if any(r.rows[i].get(y_key) is None for r in runs):
+            continue
         xs.append(statistics.fmean(float(r.rows[i].get(x_key) or 0) for r in runs))
         m, s = mean_std([float(r.rows[i].get(y_key) or 0) for r in runs])
         ys.append(m)
@@ -206,7 +211,7 @@ class Report:
                     *(_label(k, v) if k == "dp.epsilon" else str(v) for k, v in zip(self.group_keys, key)),
                     f"{len(done)}" + (f" (+{len(reps) - len(done)} incomplete)" if len(done) < len(reps) else ""),
                     ms([r.final["accuracy"] for r in use], ".4f"),
-                    ms([max(x["accuracy"] for x in r.rows) for r in use], ".4f"),
+                    ms([max(x["accuracy"] for x in r.rows if x.get("accuracy") is not None) for r in use], ".4f"),
                     ms([r.final["epsilon"] for r in use], ".3f"),
                     ms([r.final.get("cum_bytes_up", 0) / n / 1000 for r, n in zip(use, rounds)], ".2f"),
                     ms([r.final.get("cum_bytes_up", 0) / 1e6 for r in use], ".2f"),
