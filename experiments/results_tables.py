@@ -340,16 +340,24 @@ def dp_layers() -> None:
 
         def key(r: Run) -> tuple:
             c = r.config
-            return c["partition.method"] != "iid", -c["dp.epsilon"] or 9, c.get("lora.layers", ""), c.get("dp.accountant", "rdp"), c["seed"]
+            return (
+                c["partition.method"] != "iid",
+                -c["dp.epsilon"] or 9,
+                c.get("lora.layers", ""),
+                c.get("dp.accountant", "rdp"),
+                c["seed"],
+                c.get("eval.every", 1),
+            )
 
         for r in sorted(base + runs, key=key):
             c = r.config
             sigmas = {m["noise-multiplier"] for x in r.rows for m in x.get("client_metrics", {}).values() if "noise-multiplier" in m}
             sigma = "/".join(f"{v:.3f}" for v in sorted(sigmas)) or "–"
             blocks = c.get("lora.layers") or "all"
+            every = f" (evaluated at rounds 0, {c['eval.every']}, {2 * c['eval.every']} …)" if c.get("eval.every", 1) > 1 else ""
             print(
                 f"| {c['partition.method']} | {_eps(c['dp.epsilon'])} | {blocks}{' (reach base)' if r in base else ''} | {c.get('dp.accountant', 'rdp')} | {sigma} | "
-                f"{c['seed']} | {_outcome(r, minutes)} |"
+                f"{c['seed']}{every} | {_outcome(r, minutes)} |"
             )
         print()
     print(f"{len(runs)} runs complete, {partial} incomplete; {_wall(name)}.\n")
