@@ -213,6 +213,7 @@ def test_resume_accepts_a_run_that_predates_a_setting_left_at_its_default(tmp_pa
 
 
 def test_eval_every_skips_the_servers_evaluation_between_rounds_and_changes_nothing_else(tmp_path, e2e_task):
+    from fedlora.tools.report import _curve as _report_curve
     from fedlora.tools.report import find_runs
 
     settings = {"strategy": "ffa-lora", "local-steps": 4, "num-server-rounds": 4, "eval.ema-decay": 0.75, **METHOD["ffa-lora"]}
@@ -228,8 +229,11 @@ def test_eval_every_skips_the_servers_evaluation_between_rounds_and_changes_noth
             assert (a["accuracy"], a["loss"], a.get("ema_loss")) == (b["accuracy"], b["loss"], b.get("ema_loss"))
     result = json.load(open(os.path.join(sparse_dir, "result.json")))
     assert result["best_accuracy"] == max(r["accuracy"] for r in sparse if r["accuracy"] is not None)
-    # A run stopped after an unevaluated round reports its last evaluated one as final.
+    # The report's curves plot the evaluated rounds only (not a 0 for the others) ...
     (run,) = find_runs([str(tmp_path / "sparse")])
+    xs, ys, _ = _report_curve([run], "round", "accuracy")
+    assert xs == [0, 3, 4] and ys == [sparse[i]["accuracy"] for i in (0, 3, 4)]
+    # ... and a run stopped after an unevaluated round reports its last evaluated one as final.
     run.rows = sparse[:3]
     assert run.final is sparse[0]
 
