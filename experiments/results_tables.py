@@ -356,7 +356,7 @@ def dp_layers() -> None:
             blocks = c.get("lora.layers") or "all"
             every = f" (evaluated at rounds 0, {c['eval.every']}, {2 * c['eval.every']} …)" if c.get("eval.every", 1) > 1 else ""
             print(
-                f"| {c['partition.method']} | {_eps(c['dp.epsilon'])} | {blocks}{' (reach base)' if r in base else ''} | {c.get('dp.accountant', 'rdp')} | {sigma} | "
+                f"| {c['partition.method']} | {_eps(c['dp.epsilon'])} | {blocks}{' (reach base)' if r in base else ''} | {c.get('dp.accountant', 'rdp') if c['dp.epsilon'] else '–'} | {sigma} | "
                 f"{c['seed']}{every} | {_outcome(r, minutes)} |"
             )
         print()
