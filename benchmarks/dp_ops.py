@@ -41,25 +41,51 @@ from fedlora.model import build_model  # noqa: E402
 
 
 def _wrap(model, hooks: str, timer: list[float]):
-    """``privacy.wrap_model``; ``"output-einsum"``: its output-tensor hooks with Opacus' own
-    Linear sampler (one einsum) instead of ``privacy.linear_grad_sample``. With the output
-    hooks, the seconds spent in the Linear sampler are added to ``timer[0]``."""
-    if hooks == "module":
-        return privacy.wrap_model(model, hooks)
+    """``privacy.wrap_model``. ``"output-rescaled"``: its output-tensor hooks with Opacus'
+    own path for Linear layers (the whole output gradient multiplied by the batch size, the
+    per-sample gradient copied into a zero-filled buffer) around ``privacy.linear_grad_sample``;
+    ``"output-einsum"``: that, with Opacus' own Linear sampler (one einsum). The seconds spent
+    in the Linear sampler are added to ``timer[0]`` (output hooks only), those in the
+    per-sample hooks, forward and backward, to ``timer[1]``."""
+    from opacus import GradSampleModule
     from opacus.grad_sample.linear import compute_linear_grad_sample
 
-    base = privacy._output_hooks_class()
-    sampler = compute_linear_grad_sample if hooks == "output-einsum" else privacy.linear_grad_sample
+    def timed(fn, slot):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            timer[slot] += time.perf_counter() - start
+            return out
 
-    def timed(layer, activations, backprops):
+        return run
+
+    class Timed:  # mixed in first: times the hooks of the class after it
+        def capture_activations_hook(self, *args, **kwargs):
+            return timed(super().capture_activations_hook, 1)(*args, **kwargs)
+
+        def capture_backprops_hook(self, *args, **kwargs):
+            return timed(super().capture_backprops_hook, 1)(*args, **kwargs)
+
+    model.train()
+    if hooks == "module":
+        return type("TimedModule", (Timed, GradSampleModule), {})(model, batch_first=True, loss_reduction="mean")
+    base = privacy._output_hooks_class()
+    linear = compute_linear_grad_sample if hooks == "output-einsum" else privacy.linear_grad_sample
+    # "output": fedlora's own tables, each sampler timed; otherwise no short path for Linear.
+    scaling = {t: timed(f, 0) for t, f in base.SCALING_SAMPLERS.items()} if hooks == "output" else {}
+    samplers = {**base.GRAD_SAMPLERS, torch.nn.Linear: scaling.get(torch.nn.Linear) or timed(linear, 0)}
+    cls = type("TimedLinear", (Timed, base), {"GRAD_SAMPLERS": samplers, "SCALING_SAMPLERS": scaling})
+    return cls(model, batch_first=True, loss_reduction="mean")
+
+
+def _timed_into(fn, timer: list[float], slot: int):
+    def run(*args, **kwargs):
         start = time.perf_counter()
-        out = sampler(layer, activations, backprops)
-        timer[0] += time.perf_counter() - start
+        out = fn(*args, **kwargs)
+        timer[slot] += time.perf_counter() - start
         return out
 
-    cls = type("TimedLinear", (base,), {"GRAD_SAMPLERS": {**base.GRAD_SAMPLERS, torch.nn.Linear: timed}})
-    model.train()
-    return cls(model, batch_first=True, loss_reduction="mean")
+    return run
 
 
 def _ops(model, enc, idx, opt) -> dict[tuple[str, str], tuple[int, float]]:
@@ -84,6 +110,7 @@ def extra_ops(strategy: str, batch_size: int, seq: int, timed_steps: int = 7) ->
     hooked, timers = 0, {}
     for name, noise, generator, hooks in (
         ("dp, no noise", 0.0, None, "output"),
+        ("dp, no noise, Opacus' rescaling and buffers", 0.0, None, "output-rescaled"),
         ("dp, no noise, Opacus' Linear einsum", 0.0, None, "output-einsum"),
         ("dp, no noise, Opacus' module hooks", 0.0, None, "module"),
         ("dp, seeded noise", 1.0, torch.Generator().manual_seed(0), "output"),
@@ -95,8 +122,9 @@ def extra_ops(strategy: str, batch_size: int, seq: int, timed_steps: int = 7) ->
         hooked = len(trainable)
         ledger = privacy.PrivacyLedger(3.0, 1e-5, noise_multiplier=noise, sample_rate=0.01, planned_steps=10**6)
         opt = privacy.dp_optimizer(training.make_optimizer(trainable, run.train), ledger, 1.0, batch_size, generator)
-        timers[name] = [0.0]
+        timers[name] = [0.0, 0.0, 0.0]
         sides[name] = (_wrap(private, hooks, timers[name]), opt)
+        opt.pre_step = _timed_into(opt.pre_step, timers[name], 2)  # clipping, noise
     for m, o in sides.values():
         training.train(m, enc, [idx], o, 1)  # warm-up
     ops = {k: _ops(sides[k][0], enc, idx, sides[k][1]) for k in ("plain", "dp, no noise")}
@@ -109,7 +137,7 @@ def extra_ops(strategy: str, batch_size: int, seq: int, timed_steps: int = 7) ->
     rows.sort(key=lambda r: -r["extra_ms"])
     times = {k: [] for k in sides}
     for t in timers.values():
-        t[0] = 0.0  # from here: the timed steps only
+        t[:] = [0.0] * len(t)  # from here: the timed steps only
     keys = list(sides)
     for i in range(timed_steps):  # interleaved, so machine noise hits all alike
         # Each step starts the round at the next side: where a side runs in the round
@@ -117,6 +145,8 @@ def extra_ops(strategy: str, batch_size: int, seq: int, timed_steps: int = 7) ->
         for k in keys[i % len(keys) :] + keys[: i % len(keys)]:
             m, o = sides[k]
             times[k].append(training.train(m, enc, [idx], o, 1).seconds)
+    # Each round's ratio to that round's plain step: the VM's slow drifts cancel.
+    paired = {k: statistics.median(t / p for t, p in zip(v, times["plain"], strict=True)) for k, v in times.items()}
     for k, (m, _) in sides.items():
         if k != "plain":
             m._close()
@@ -124,6 +154,10 @@ def extra_ops(strategy: str, batch_size: int, seq: int, timed_steps: int = 7) ->
         "rows": rows,
         "hooked_tensors": hooked,
         "seconds": {k: statistics.median(v) for k, v in times.items()},
+        "paired_ratio": paired,
+        # Seconds a step inside the per-sample hooks and inside the optimizer's clipping and noise.
+        "hook_seconds": {k: t[1] / timed_steps for k, t in timers.items()},
+        "clip_noise_seconds": {k: t[2] / timed_steps for k, t in timers.items()},
         "linear_sampler_seconds": {k: t[0] / timed_steps for k, t in timers.items() if k in ("dp, no noise", "dp, no noise, Opacus' Linear einsum")},
     }
 
@@ -145,8 +179,13 @@ def main() -> None:
     print(f"all {len(r['rows'])} differing rows: {total:.1f} ms extra under the profiler")
     sec = r["seconds"]
     print(f"unprofiled steps, median of {args.timed_steps} interleaved (batch {args.batch_size} x {args.seq}):")
+    print(f"  {'':<44} {'median':>8}   {'/ plain':>7}  {'paired':>6}  {'in hooks':>8}  {'clip+noise':>10}")
     for k, v in sec.items():
-        print(f"  {k:<36} {1000 * v:8.1f} ms   / plain {v / sec['plain']:.3f}   (+{1000 * (v - sec['plain']):.1f} ms)")
+        hooks, clip = r["hook_seconds"].get(k), r["clip_noise_seconds"].get(k)
+        dp = f"  {1000 * hooks:6.1f}ms  {1000 * clip:8.1f}ms" if hooks is not None else ""
+        print(f"  {k:<44} {1000 * v:6.1f}ms   {v / sec['plain']:7.3f}  {r['paired_ratio'][k]:6.3f}{dp}")
+    print("(paired: median over the rounds of each DP step's time / that round's plain step; in hooks: the per-sample")
+    print(" hooks, forward and backward; clip+noise: the optimizer's clipping and noise. Both ms per step, timed inside it)")
     lin = r["linear_sampler_seconds"]
     ours, einsum = lin["dp, no noise"], lin["dp, no noise, Opacus' Linear einsum"]
     print(

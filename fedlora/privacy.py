@@ -383,7 +383,7 @@ def wrap_model(model: nn.Module, hooks: str = "output") -> nn.Module:
     return cls(model, batch_first=True, loss_reduction="mean")
 
 
-def linear_grad_sample(layer: nn.Linear, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+def linear_grad_sample(layer: nn.Linear, activations: list[torch.Tensor], backprops: torch.Tensor, scale: float = 1.0) -> dict[nn.Parameter, torch.Tensor]:
     """Per-sample gradients of an ``nn.Linear`` layer: what Opacus'
     ``compute_linear_grad_sample`` returns, computed as one batched matmul whose
     output rows are the layer's smaller side. Opacus' einsum always makes the
@@ -391,19 +391,31 @@ def linear_grad_sample(layer: nn.Linear, activations: list[torch.Tensor], backpr
     orientation on CPU: in a LoRA DP step at batch 16 x 64 tokens the Linear samplers
     took 2.8 ms against 5.7 ms with Opacus' einsum (``benchmarks/dp_ops.py``). Equal
     to Opacus' up to float rounding (the sum over tokens runs in another order).
-    The result may be a transposed view; Opacus copies it into its buffer."""
+    The result may be a transposed view; Opacus copies it into its buffer.
+
+    ``scale`` multiplies the gradients. Opacus multiplies a hooked module's whole
+    output gradient by the batch size for a mean-reduced loss before its sampler
+    runs; ``_OutputHooks`` passes that factor here instead, where it multiplies the
+    smaller operand (for a LoRA layer the rank-8 side, 1/48 of the output gradient
+    of a LoRA B on MiniLM)."""
     x = activations[0].to(backprops.dtype)
     n, d_in, d_out = backprops.shape[0], x.shape[-1], backprops.shape[-1]
     g = backprops.reshape(n, -1, d_out)  # any middle dimensions (tokens) flattened
     ret = {}
     if layer.weight.requires_grad:
         x = x.reshape(n, -1, d_in)
+        gw = g
+        if scale != 1.0:
+            if x.numel() <= g.numel():
+                x = x * scale
+            else:
+                gw = g * scale
         if d_in < d_out:
-            ret[layer.weight] = torch.bmm(x.transpose(1, 2), g).transpose(1, 2)
+            ret[layer.weight] = torch.bmm(x.transpose(1, 2), gw).transpose(1, 2)
         else:
-            ret[layer.weight] = torch.bmm(g.transpose(1, 2), x)
+            ret[layer.weight] = torch.bmm(gw.transpose(1, 2), x)
     if layer.bias is not None and layer.bias.requires_grad:
-        ret[layer.bias] = g.sum(1)
+        ret[layer.bias] = g.sum(1) if scale == 1.0 else g.sum(1) * scale
     return ret
 
 
@@ -424,6 +436,8 @@ def _output_hooks_class() -> type:
         registry, used by its other classes, is left as it is)."""
 
         GRAD_SAMPLERS = {**GradSampleModule.GRAD_SAMPLERS, nn.Linear: linear_grad_sample}
+        # Samplers that take the loss reduction's factor as ``scale`` (see capture_backprops_hook).
+        SCALING_SAMPLERS = {nn.Linear: linear_grad_sample}
 
         def add_hooks(self, *, loss_reduction: str = "mean", batch_first: bool = True, force_functorch: bool = False) -> None:
             if hasattr(self._module, "autograd_grad_sample_hooks"):
@@ -449,6 +463,41 @@ def _output_hooks_class() -> type:
                 self.capture_backprops_hook(module, None, (grad,), loss_reduction=loss_reduction, batch_first=batch_first)
 
             output.register_hook(backward)
+
+        def capture_backprops_hook(self, module: nn.Module, _forward_input, forward_output, loss_reduction: str, batch_first: bool) -> None:
+            """Opacus' hook, with a shorter path for the layers of ``SCALING_SAMPLERS``
+            (Linear: every LoRA layer): the mean-reduction factor goes to the sampler
+            (``linear_grad_sample`` applies it to its smaller operand)
+            instead of multiplying the whole output gradient, and a per-sample gradient
+            of the full batch becomes the parameter's buffer instead of being copied
+            into a zero-filled one. A LoRA DP step on MiniLM at batch 16 x 64 tokens
+            multiplied 12 output gradients of 16 x 64 x 384 floats and zero-filled and
+            copied 24 buffers for nothing (``benchmarks/dp_ops.py``)."""
+            sampler = self.SCALING_SAMPLERS.get(type(module))
+            if sampler is None or not self.hooks_enabled or self.force_functorch:
+                return super().capture_backprops_hook(module, _forward_input, forward_output, loss_reduction, batch_first)
+            from opacus.grad_sample.grad_sample_module import create_or_accumulate_grad_sample, promote_current_grad_sample
+            from opacus.utils.module_utils import trainable_parameters
+
+            backprops = forward_output[0].detach()
+            activations, backprops = self.rearrange_grad_samples(module=module, backprops=backprops, loss_reduction="sum", batch_first=batch_first)
+            n = module.max_batch_len
+            scale = float(n) if loss_reduction == "mean" else 1.0
+            for param, gs in sampler(module, activations, backprops, scale).items():
+                if param.requires_grad and gs.shape[0] == n and not hasattr(param, "_current_grad_sample"):
+                    param._current_grad_sample = gs.contiguous()  # the clipping reads it flat
+                else:  # a module called more than once per batch: Opacus' accumulation
+                    create_or_accumulate_grad_sample(param=param, grad_sample=gs, max_batch_len=n)
+            for _, p in trainable_parameters(module):
+                p._forward_counter -= 1
+                if p._forward_counter == 0:
+                    promote_current_grad_sample(p)
+                if not self.grad_accumulation_allowed and isinstance(p.grad_sample, list) and len(p.grad_sample) > 1:
+                    raise ValueError(
+                        "Poisson sampling is not compatible with accumulating per-sample gradients over several backward passes: call step() after each"
+                    )
+            if not module.activations and hasattr(module, "max_batch_len"):
+                del module.max_batch_len
 
     return _OutputHooks
 

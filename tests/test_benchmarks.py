@@ -31,15 +31,27 @@ def test_dp_ops_benchmark_finds_one_norm_per_clipped_tensor_and_times_all_six_st
     norms = sum(row["extra_calls"] for row in r["rows"] if row["op"] == "aten::linalg_vector_norm")
     assert r["hooked_tensors"] == 14  # FFA-LoRA: B of 12 query/value targets, the head's weight and bias
     assert norms == r["hooked_tensors"] + 1
+    # The mean reduction's factor multiplies the rank-8 side of each LoRA B, never its
+    # 2 x 8 x 384 output gradient (as Opacus' own hooks do) ...
+    muls = {row["shapes"]: row["extra_calls"] for row in r["rows"] if row["op"] == "aten::mul"}
+    assert muls.get("[[2, 8, 8], []]") == 12 and "[[2, 8, 384], []]" not in muls
+    # ... and no LoRA B's per-sample gradient is copied into a zero-filled buffer.
+    fills = {row["shapes"] for row in r["rows"] if row["op"] == "aten::fill_"}
+    assert not fills & {"[[2, 384, 8], []]", "[[2, 8, 384], []]"}, fills
     assert set(r["seconds"]) == {
         "plain",
         "dp, no noise",
+        "dp, no noise, Opacus' rescaling and buffers",
         "dp, no noise, Opacus' Linear einsum",
         "dp, no noise, Opacus' module hooks",
         "dp, seeded noise",
         "dp, secure noise",
     }
     assert all(v > 0 for v in r["seconds"].values())
+    assert set(r["paired_ratio"]) == set(r["seconds"]) and r["paired_ratio"]["plain"] == 1.0
+    # The DP work was timed inside every DP step: hooks, then clipping and noise.
+    assert set(r["hook_seconds"]) == set(r["clip_noise_seconds"]) == set(r["seconds"]) - {"plain"}
+    assert all(v > 0 for v in [*r["hook_seconds"].values(), *r["clip_noise_seconds"].values()])
     # Both Linear samplers ran (and were timed) in the timed steps.
     assert set(r["linear_sampler_seconds"]) == {"dp, no noise", "dp, no noise, Opacus' Linear einsum"}
     assert all(v > 0 for v in r["linear_sampler_seconds"].values())

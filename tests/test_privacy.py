@@ -105,6 +105,59 @@ def test_linear_grad_sample_equals_opacus_einsum(d_in, d_out, shape):
     assert privacy._output_hooks_class().GRAD_SAMPLERS[torch.nn.Linear] is privacy.linear_grad_sample
 
 
+@pytest.mark.parametrize("d_in,d_out", [(8, 48), (48, 8)], ids=["wide-out", "wide-in"])
+def test_linear_grad_sample_scale_multiplies_every_gradient(d_in, d_out):
+    """The loss reduction's factor, applied to whichever operand is smaller, must give
+    the scaled gradients of weight and bias."""
+    g = torch.Generator().manual_seed(1)
+    layer = torch.nn.Linear(d_in, d_out)
+    x, backprops = torch.randn(4, 6, d_in, generator=g), torch.randn(4, 6, d_out, generator=g)
+    plain, scaled = privacy.linear_grad_sample(layer, [x], backprops), privacy.linear_grad_sample(layer, [x], backprops, 3.0)
+    assert set(scaled) == {layer.weight, layer.bias}
+    for p in plain:
+        torch.testing.assert_close(scaled[p], 3.0 * plain[p], rtol=1e-5, atol=1e-6)
+
+
+class _TwiceApplied(torch.nn.Module):
+    """One Linear layer applied twice per forward (as a tied or reused layer is), then a
+    bias-free one: the hooks' accumulation path for a layer called more than once."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared, self.out = torch.nn.Linear(6, 6), torch.nn.Linear(6, 3, bias=False)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("shape", [(5, 6), (5, 4, 6)], ids=["2d", "tokens"])
+def test_output_hooks_per_sample_gradients_of_a_reused_layer_equal_autograd(reduction, shape):
+    """``_OutputHooks``' short path for Linear layers (the reduction's factor inside the
+    sampler, the full-batch gradient adopted as the buffer) and Opacus' accumulation when
+    a layer runs twice per batch, against per-sample autograd, for both loss reductions."""
+    torch.manual_seed(0)
+    model, x = _TwiceApplied(), torch.randn(*shape)
+    target = torch.randint(0, 3, (shape[0],))
+
+    def loss_of(out, y, red):
+        return torch.nn.functional.cross_entropy(out.reshape(len(y), -1, 3).mean(1), y, reduction=red)
+
+    reference = {}
+    for i in range(shape[0]):
+        model.zero_grad()
+        loss_of(model(x[i : i + 1]), target[i : i + 1], "sum").backward()
+        for n, p in model.named_parameters():
+            reference.setdefault(n, []).append(p.grad.clone())
+    model.zero_grad()
+    gsm = privacy._output_hooks_class()(model, batch_first=True, loss_reduction=reduction)
+    loss_of(gsm(x), target, reduction).backward()
+    for n, p in model.named_parameters():
+        assert p.grad_sample is not None and not hasattr(p, "_current_grad_sample"), n
+        torch.testing.assert_close(p.grad_sample, torch.stack(reference[n]), rtol=1e-4, atol=1e-6, msg=n)
+    gsm._close()
+
+
 @pytest.mark.parametrize("zero_noise", ["ledger", "none"], ids=["ledger-with-noise-0", "no-ledger"])
 def test_clipping_bounds_each_sample_and_matches_manual_dp_sgd(tiny_model_dir, zero_noise):
     model = _model(tiny_model_dir, train_lora_a=True)
