@@ -101,3 +101,16 @@ def test_flwr_run_scale_reads_the_start_up_off_the_runs_log(tmp_path):
         sampler.join()
     assert memory["round1"] is not None and memory["round1"] >= written
     assert memory["peak"] == 0 and cpu == {}
+
+
+def test_speed_dp_step_ratio_times_the_dp_work_inside_each_step():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import speed
+    finally:
+        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    r = speed.dp_step_ratio(2, train_lora_a=False, batch_size=2, flush=True, block=1, plain_per_block=1)
+    assert r["dp_steps"] == 3 and r["ratio"] > 0  # the warm-up step, then two timed blocks of one
+    # The hooks and the clipping and noise ran inside the timed DP steps, and are part of them.
+    assert 0 < r["dp_work_s"] < min(r["dp_first_s"], r["dp_last_s"])
+    assert 0 < r["dp_work_share"] < 1
