@@ -14,9 +14,12 @@ deployments, each with its ratio to plain.
 
 What it showed on 2 CPUs (docs/BENCHMARKS.md): the overhead is Opacus' per-sample machinery,
 a fixed cost per hooked module and step: the autograd nodes of its full backward hooks and the
-Python hook code they run (the largest part), the per-sample gradient, the zero-filled buffer it
-is copied into, its norm, the clip-weighted sum, and a rescaling of the module's output gradient
-for ``loss_reduction="mean"``.
+Python hook code they run, the per-sample gradient, the zero-filled buffer it is copied into,
+its norm, the clip-weighted sum, and a rescaling of the module's output gradient for
+``loss_reduction="mean"``. fedlora's hooks (``privacy.wrap_model``) have since dropped the
+autograd nodes, the buffer and, for Linear layers, the rescaling; the timed steps set them side
+by side with Opacus' ways, and report the time spent inside the hooks and inside the
+optimizer's clipping and noise, measured within each step.
 """
 
 from __future__ import annotations
