@@ -1,6 +1,6 @@
 """Speed and communication benchmarks; each prints ratios measured side by side in one run.
 
-    python benchmarks/speed.py [--data-dir DIR] [--dp-steps N] [--block N] [--flush on|off|both] [--lora-64]
+    python benchmarks/speed.py [--data-dir DIR] [--dp-steps N] [--block N] [--flush on|off|both] [--lora-64] [--only lora-16,...]
                                [--throughput-steps N] [--accuracy-steps N] [--steps N] [--rounds N]
                                [--skip-steps] [--skip-padding] [--skip-simulation] [--skip-deployment]
 
@@ -326,6 +326,11 @@ def main() -> None:
         help="[1]: DP steps per timing block (each against max(1, N-1) plain steps from the block's weights); 1 pairs every DP step with one plain step",
     )
     ap.add_argument("--lora-64", action="store_true", help="[1]: also time LoRA at batch 64 (FFA-LoRA, the default method, always)")
+    ap.add_argument(
+        "--only",
+        default="",
+        help="[1]: time only these, comma-separated, of lora-16, ffa-lora-16, lora-64, ffa-lora-64 (e.g. to repeat the closest one)",
+    )
     ap.add_argument("--throughput-steps", type=int, default=6, help="[1p]: Poisson batches of 64 timed each way")
     ap.add_argument("--accuracy-steps", type=int, default=0, help="[1a]: DP steps of the flush / no-flush accuracy check (0 = skip)")
     ap.add_argument("--rounds", type=int, default=4)
@@ -342,6 +347,14 @@ def main() -> None:
     flushes = {"on": (True,), "off": (False,), "both": (True, False)}[args.flush]
     # Batch 16 (the guide's reference measurement) and the run default, 64.
     configs = [(16, "LoRA", True), (16, "FFA-LoRA", False), *([(64, "LoRA", True)] if args.lora_64 else []), (64, "FFA-LoRA", False)]
+    if args.only:
+        every = {
+            f"{name.lower()}-{b}": (b, name, a) for b, name, a in [(16, "LoRA", True), (16, "FFA-LoRA", False), (64, "LoRA", True), (64, "FFA-LoRA", False)]
+        }
+        unknown = set(args.only.split(",")) - set(every)
+        if unknown:
+            ap.error(f"--only: unknown {', '.join(sorted(unknown))}; choose from {', '.join(every)}")
+        configs = [every[k] for k in args.only.split(",")]
     for batch_size, name, train_a in () if args.skip_steps else configs:
         for flush in flushes:
             steps = args.dp_steps if batch_size == 16 else max(4, args.dp_steps // 2)
