@@ -43,6 +43,18 @@ from fedlora.config import parse_run_config  # noqa: E402
 from fedlora.model import build_model  # noqa: E402
 
 
+def _timed_into(fn, timer: list[float], slot: int):
+    """``fn``, adding the seconds each call takes to ``timer[slot]``."""
+
+    def run(*args, **kwargs):
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        timer[slot] += time.perf_counter() - start
+        return out
+
+    return run
+
+
 def _wrap(model, hooks: str, timer: list[float]):
     """``privacy.wrap_model``. ``"output-rescaled"``: its output-tensor hooks with Opacus'
     own path for Linear layers (the whole output gradient multiplied by the batch size, the
@@ -54,13 +66,7 @@ def _wrap(model, hooks: str, timer: list[float]):
     from opacus.grad_sample.linear import compute_linear_grad_sample
 
     def timed(fn, slot):
-        def run(*args, **kwargs):
-            start = time.perf_counter()
-            out = fn(*args, **kwargs)
-            timer[slot] += time.perf_counter() - start
-            return out
-
-        return run
+        return _timed_into(fn, timer, slot)
 
     class Timed:  # mixed in first: times the hooks of the class after it
         def capture_activations_hook(self, *args, **kwargs):
@@ -79,16 +85,6 @@ def _wrap(model, hooks: str, timer: list[float]):
     samplers = {**base.GRAD_SAMPLERS, torch.nn.Linear: scaling.get(torch.nn.Linear) or timed(linear, 0)}
     cls = type("TimedLinear", (Timed, base), {"GRAD_SAMPLERS": samplers, "SCALING_SAMPLERS": scaling})
     return cls(model, batch_first=True, loss_reduction="mean")
-
-
-def _timed_into(fn, timer: list[float], slot: int):
-    def run(*args, **kwargs):
-        start = time.perf_counter()
-        out = fn(*args, **kwargs)
-        timer[slot] += time.perf_counter() - start
-        return out
-
-    return run
 
 
 def _ops(model, enc, idx, opt) -> dict[tuple[str, str], tuple[int, float]]:
