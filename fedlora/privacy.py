@@ -391,7 +391,7 @@ def linear_grad_sample(layer: nn.Linear, activations: list[torch.Tensor], backpr
     orientation on CPU: in a LoRA DP step at batch 16 x 64 tokens the Linear samplers
     took 2.8 ms against 5.7 ms with Opacus' einsum (``benchmarks/dp_ops.py``). Equal
     to Opacus' up to float rounding (the sum over tokens runs in another order).
-    The result may be a transposed view; Opacus copies it into its buffer.
+    The result may be a transposed view; the hooks store it contiguous.
 
     ``scale`` multiplies the gradients. Opacus multiplies a hooked module's whole
     output gradient by the batch size for a mean-reduced loss before its sampler
