@@ -363,6 +363,35 @@ def dp_layers() -> None:
     print(f"{len(runs)} runs complete, {partial} incomplete; {_wall(name)}.\n")
 
 
+def dp_targets() -> None:
+    """experiments/sst2-dp-targets.toml: every linear layer of the top three blocks adapted,
+    beside the query/value runs of the same shape in sst2-dp-layers.toml (seed 0, IID: the
+    noiseless twin and the PRV run)."""
+    name = "sst2-dp-targets"
+    runs, partial = _complete(name)
+    print(f"### Every linear layer of the top three blocks (`experiments/{name}.toml`, beside sst2-dp-layers.toml's query and value)\n")
+    if runs:
+        minutes = {**_run_minutes("sst2-dp-layers"), **_run_minutes(name)}
+        layers, _ = _complete("sst2-dp-layers")
+        same = [
+            r
+            for r in layers
+            if r.config["seed"] == 0
+            and r.config["partition.method"] == "iid"
+            and (r.config["dp.epsilon"] == 0 or (r.config.get("dp.accountant") == "prv" and r.config.get("eval.every", 1) == 1))
+        ]
+        print(
+            "| ε | adapted layers (top three blocks) | upload per client and round | seed | accuracy by round (0 = initial) | final | best (round) | ε spent | minutes |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in sorted(same + runs, key=lambda r: (-r.config["dp.epsilon"] or 9, r in runs)):
+            c = r.config
+            up = r.rows[1]["bytes_up"] / r.rows[1]["clients"]  # the same every round: the trained values sent
+            print(f"| {_eps(c['dp.epsilon'])} | {c.get('lora.target-modules') or 'query,value'} | {up / 1000:.1f} kB | {c['seed']} | {_outcome(r, minutes)} |")
+        print()
+    print(f"{len(runs)} runs complete, {partial} incomplete; {_wall(name)}.\n")
+
+
 def main_grid() -> None:
     runs, partial = _complete("sst2")
     reference, ref_partial = _complete("sst2-nonprivate")  # the non-private row: its own grid and rates
@@ -548,6 +577,7 @@ if __name__ == "__main__":
     dp_ema()
     dp_share()
     dp_layers()
+    dp_targets()
     sweep()
     main_grid()
     for target in targets:
