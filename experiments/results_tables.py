@@ -298,6 +298,12 @@ def _reach_base_at(runs: list[Run]) -> list[Run]:
     return [r for r in reach if r.config["dp.epsilon"] == 3 and r.config["batch-size"] == 512 and r.config["precision"] == "fp32" and r.config["seed"] in seeds]
 
 
+def _sigmas(r: Run) -> str:
+    """The noise multipliers a run's clients reported, "/"-joined (one per distinct value), or "–"."""
+    sigmas = {m["noise-multiplier"] for x in r.rows for m in x.get("client_metrics", {}).values() if "noise-multiplier" in m}
+    return "/".join(f"{v:.3f}" for v in sorted(sigmas)) or "–"
+
+
 def _outcome(r: Run, minutes: dict[str, float]) -> str:
     """A run's table cells: its curve, final and best accuracy, epsilon spent and minutes."""
     curve = _curve(r.rows)
@@ -351,8 +357,7 @@ def dp_layers() -> None:
 
         for r in sorted(base + runs, key=key):
             c = r.config
-            sigmas = {m["noise-multiplier"] for x in r.rows for m in x.get("client_metrics", {}).values() if "noise-multiplier" in m}
-            sigma = "/".join(f"{v:.3f}" for v in sorted(sigmas)) or "–"
+            sigma = _sigmas(r)
             blocks = c.get("lora.layers") or "all"
             every = f" (evaluated at rounds 0, {c['eval.every']}, {2 * c['eval.every']} …)" if c.get("eval.every", 1) > 1 else ""
             print(
@@ -363,33 +368,117 @@ def dp_layers() -> None:
     print(f"{len(runs)} runs complete, {partial} incomplete; {_wall(name)}.\n")
 
 
+def _beside_layers(name: str, title: str, beside: str, pick, columns: list[str], cells, key) -> None:
+    """A grid's section whose runs are set beside some of sst2-dp-layers.toml's (``pick``):
+    the columns ``cells(run)`` fills, then seed, curve, final, best, epsilon and minutes."""
+    runs, partial = _complete(name)
+    print(f"### {title} (`experiments/{name}.toml`, beside sst2-dp-layers.toml's {beside})\n")
+    if runs:
+        minutes = {**_run_minutes("sst2-dp-layers"), **_run_minutes(name)}
+        rows = [r for r in _complete("sst2-dp-layers")[0] if pick(r)] + runs
+        print(f"| {' | '.join(columns)} | seed | accuracy by round (0 = initial) | final | best (round) | ε spent | minutes |")
+        print("|---" * (len(columns) + 6) + "|")
+        for r in sorted(rows, key=lambda r: key(r, r in runs)):
+            print(f"| {cells(r)} | {r.config['seed']} | {_outcome(r, minutes)} |")
+        print()
+    print(f"{len(runs)} runs complete, {partial} incomplete; {_wall(name)}.\n")
+
+
+def _top3_seed0(r: Run) -> bool:
+    """sst2-dp-layers.toml's IID seed-0 runs of the top-three-block shape that the later grids
+    vary: its noiseless twin and its PRV run (``every``: evaluated every round or every fifth)."""
+    c = r.config
+    return (
+        c["seed"] == 0 and c["partition.method"] == "iid" and c.get("lora.layers") == "-3,-2,-1" and (c["dp.epsilon"] == 0 or c.get("dp.accountant") == "prv")
+    )
+
+
 def dp_targets() -> None:
     """experiments/sst2-dp-targets.toml: every linear layer of the top three blocks adapted,
     beside the query/value runs of the same shape in sst2-dp-layers.toml (seed 0, IID: the
-    noiseless twin and the PRV run)."""
-    name = "sst2-dp-targets"
-    runs, partial = _complete(name)
-    print(f"### Every linear layer of the top three blocks (`experiments/{name}.toml`, beside sst2-dp-layers.toml's query and value)\n")
-    if runs:
-        minutes = {**_run_minutes("sst2-dp-layers"), **_run_minutes(name)}
-        layers, _ = _complete("sst2-dp-layers")
-        same = [
-            r
-            for r in layers
-            if r.config["seed"] == 0
-            and r.config["partition.method"] == "iid"
-            and (r.config["dp.epsilon"] == 0 or (r.config.get("dp.accountant") == "prv" and r.config.get("eval.every", 1) == 1))
-        ]
+    noiseless twin and the PRV run evaluated every round)."""
+
+    def cells(r: Run) -> str:
+        c = r.config
+        up = r.rows[1]["bytes_up"] / r.rows[1]["clients"]  # the same every round: the trained values sent
+        return f"{_eps(c['dp.epsilon'])} | {c.get('lora.target-modules') or 'query,value'} | {up / 1000:.1f} kB"
+
+    _beside_layers(
+        "sst2-dp-targets",
+        "Every linear layer of the top three blocks",
+        "query and value",
+        lambda r: _top3_seed0(r) and r.config.get("eval.every", 1) == 1,
+        ["ε", "adapted layers (top three blocks)", "upload per client and round"],
+        cells,
+        lambda r, new: (-r.config["dp.epsilon"] or 9, new),
+    )
+
+
+def dp_steps() -> None:
+    """experiments/sst2-dp-steps.toml: the top-three-block PRV shape with the same examples per
+    round in 8 steps of 256 instead of 4 of 512, beside the 4 x 512 runs of sst2-dp-layers.toml
+    (seed 0, IID: the noiseless twin and the PRV run evaluated every fifth round)."""
+
+    def cells(r: Run) -> str:
+        c = r.config
+        return f"{_eps(c['dp.epsilon'])} | {c['num-server-rounds']} × {c['local-steps']} × {c['batch-size']} | {c['learning-rate']:g} | {_sigmas(r)}"
+
+    _beside_layers(
+        "sst2-dp-steps",
+        "More, smaller steps: 8 of 256 instead of 4 of 512",
+        "4 × 512",
+        lambda r: _top3_seed0(r) and (r.config["dp.epsilon"] == 0 or r.config.get("eval.every", 1) == 5),
+        ["ε", "rounds × steps × batch", "learning rate", "σ"],
+        cells,
+        lambda r, new: (-r.config["dp.epsilon"] or 9, -r.config["batch-size"], -r.config["learning-rate"]),
+    )
+
+
+def goal_cells() -> None:
+    """Issue 13's goal (epsilon 3, at most 20 minutes a run): the best shape of each split over its
+    three seeds, beside its noiseless twin where one was run. IID: sst2-dp-layers.toml's top three
+    blocks with PRV, evaluated every round; Dirichlet(0.5): sst2-dp-schedule.toml's 24 rounds with
+    the cosine decay."""
+    print("### The goal's cells over three seeds (ε = 3; goal: IID ≥ 0.84, Dirichlet(0.5) ≥ 0.80, ≤ 20 minutes a run)\n")
+    layers, schedule = _complete("sst2-dp-layers")[0], _complete("sst2-dp-schedule")[0]
+    minutes = {**_run_minutes("sst2-dp-layers"), **_run_minutes("sst2-dp-schedule")}
+
+    def top3(r: Run) -> bool:
+        return r.config.get("lora.layers") == "-3,-2,-1" and r.config["partition.method"] == "iid" and r.config.get("eval.every", 1) == 1
+
+    cells = [
+        (
+            "iid",
+            "40 × 4 × 512, top three blocks, PRV",
+            "sst2-dp-layers",
+            [r for r in layers if top3(r) and r.config.get("dp.accountant") == "prv"],
+            [r for r in layers if top3(r) and r.config["dp.epsilon"] == 0],
+            0.84,
+        ),
+        (
+            "dirichlet",
+            "24 × 4 × 512, cosine decay",
+            "sst2-dp-schedule",
+            [r for r in schedule if r.config["partition.method"] == "dirichlet" and r.config.get("lr-schedule") == "cosine" and r.config["dp.epsilon"] == 3],
+            [],
+            0.80,
+        ),
+    ]
+    print("| split | FFA-LoRA shape | grid | final by seed | mean ± std | minutes by seed | noiseless twin (seed 0) | goal |")
+    print("|---|---|---|---|---|---|---|---|")
+    for split, shape, grid, runs, twin, goal in cells:
+        runs = sorted(runs, key=lambda r: r.config["seed"])
+        finals = [r.final["accuracy"] for r in runs]
+        if not finals:
+            continue
+        mean = mean_std(finals)[0]
+        by_seed = ", ".join(f"{r.config['seed']}: {r.final['accuracy']:.3f}" for r in runs)
+        took = ", ".join(f"{minutes.get(os.path.basename(r.path), 0):.1f}" for r in runs)
+        ceiling = f"{twin[0].final['accuracy']:.3f}" if twin else "–"
         print(
-            "| ε | adapted layers (top three blocks) | upload per client and round | seed | accuracy by round (0 = initial) | final | best (round) | ε spent | minutes |"
+            f"| {split} | {shape} | {grid} | {by_seed} | {_fmt(finals)} | {took} | {ceiling} | ≥ {goal:.2f}: {'reached' if mean >= goal else 'not reached'} on average |"
         )
-        print("|---|---|---|---|---|---|---|---|---|")
-        for r in sorted(same + runs, key=lambda r: (-r.config["dp.epsilon"] or 9, r in runs)):
-            c = r.config
-            up = r.rows[1]["bytes_up"] / r.rows[1]["clients"]  # the same every round: the trained values sent
-            print(f"| {_eps(c['dp.epsilon'])} | {c.get('lora.target-modules') or 'query,value'} | {up / 1000:.1f} kB | {c['seed']} | {_outcome(r, minutes)} |")
-        print()
-    print(f"{len(runs)} runs complete, {partial} incomplete; {_wall(name)}.\n")
+    print("\nMinutes are wall time; runs that shared the 2 CPUs with other work took longer (docs/RESULTS.md says which).\n")
 
 
 def main_grid() -> None:
@@ -578,6 +667,8 @@ if __name__ == "__main__":
     dp_share()
     dp_layers()
     dp_targets()
+    dp_steps()
+    goal_cells()
     sweep()
     main_grid()
     for target in targets:
