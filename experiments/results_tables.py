@@ -386,7 +386,7 @@ def _beside_layers(name: str, title: str, beside: str, pick, columns: list[str],
 
 def _top3_seed0(r: Run) -> bool:
     """sst2-dp-layers.toml's IID seed-0 runs of the top-three-block shape that the later grids
-    vary: its noiseless twin and its PRV run (``every``: evaluated every round or every fifth)."""
+    vary: its noiseless twin and its PRV runs (evaluated every round, and every fifth)."""
     c = r.config
     return (
         c["seed"] == 0 and c["partition.method"] == "iid" and c.get("lora.layers") == "-3,-2,-1" and (c["dp.epsilon"] == 0 or c.get("dp.accountant") == "prv")
@@ -444,7 +444,8 @@ def goal_cells() -> None:
     minutes = {**_run_minutes("sst2-dp-layers"), **_run_minutes("sst2-dp-schedule")}
 
     def top3(r: Run) -> bool:
-        return r.config.get("lora.layers") == "-3,-2,-1" and r.config["partition.method"] == "iid" and r.config.get("eval.every", 1) == 1
+        c = r.config
+        return c.get("lora.layers") == "-3,-2,-1" and c["partition.method"] == "iid" and c.get("eval.every", 1) == 1 and c["strategy"] == "ffa-lora"
 
     cells = [
         (
@@ -459,7 +460,14 @@ def goal_cells() -> None:
             "dirichlet",
             "24 × 4 × 512, cosine decay",
             "sst2-dp-schedule",
-            [r for r in schedule if r.config["partition.method"] == "dirichlet" and r.config.get("lr-schedule") == "cosine" and r.config["dp.epsilon"] == 3],
+            [
+                r
+                for r in schedule
+                if r.config["partition.method"] == "dirichlet"
+                and r.config.get("lr-schedule") == "cosine"
+                and r.config["dp.epsilon"] == 3
+                and r.config["strategy"] == "ffa-lora"
+            ],
             [],
             0.80,
         ),
