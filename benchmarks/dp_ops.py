@@ -28,7 +28,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
 
@@ -36,23 +35,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from speed import _batch, _trainable  # noqa: E402  (speed.py's synthetic batch, the same [1] times)
+from speed import _batch, _trainable, timed_into  # noqa: E402  (speed.py's synthetic batch, the same [1] times)
 
 from fedlora import privacy, training  # noqa: E402
 from fedlora.config import parse_run_config  # noqa: E402
 from fedlora.model import build_model  # noqa: E402
-
-
-def _timed_into(fn, timer: list[float], slot: int):
-    """``fn``, adding the seconds each call takes to ``timer[slot]``."""
-
-    def run(*args, **kwargs):
-        start = time.perf_counter()
-        out = fn(*args, **kwargs)
-        timer[slot] += time.perf_counter() - start
-        return out
-
-    return run
 
 
 def _wrap(model, hooks: str, timer: list[float]):
@@ -65,15 +52,12 @@ def _wrap(model, hooks: str, timer: list[float]):
     from opacus import GradSampleModule
     from opacus.grad_sample.linear import compute_linear_grad_sample
 
-    def timed(fn, slot):
-        return _timed_into(fn, timer, slot)
-
     class Timed:  # mixed in first: times the hooks of the class after it
         def capture_activations_hook(self, *args, **kwargs):
-            return timed(super().capture_activations_hook, 1)(*args, **kwargs)
+            return timed_into(super().capture_activations_hook, timer, 1)(*args, **kwargs)
 
         def capture_backprops_hook(self, *args, **kwargs):
-            return timed(super().capture_backprops_hook, 1)(*args, **kwargs)
+            return timed_into(super().capture_backprops_hook, timer, 1)(*args, **kwargs)
 
     model.train()
     if hooks == "module":
@@ -81,8 +65,8 @@ def _wrap(model, hooks: str, timer: list[float]):
     base = privacy._output_hooks_class()
     linear = compute_linear_grad_sample if hooks == "output-einsum" else privacy.linear_grad_sample
     # "output": fedlora's own tables, each sampler timed; otherwise no short path for Linear.
-    scaling = {t: timed(f, 0) for t, f in base.SCALING_SAMPLERS.items()} if hooks == "output" else {}
-    samplers = {**base.GRAD_SAMPLERS, torch.nn.Linear: scaling.get(torch.nn.Linear) or timed(linear, 0)}
+    scaling = {t: timed_into(f, timer, 0) for t, f in base.SCALING_SAMPLERS.items()} if hooks == "output" else {}
+    samplers = {**base.GRAD_SAMPLERS, torch.nn.Linear: scaling.get(torch.nn.Linear) or timed_into(linear, timer, 0)}
     cls = type("TimedLinear", (Timed, base), {"GRAD_SAMPLERS": samplers, "SCALING_SAMPLERS": scaling})
     return cls(model, batch_first=True, loss_reduction="mean")
 
@@ -123,7 +107,7 @@ def extra_ops(strategy: str, batch_size: int, seq: int, timed_steps: int = 7) ->
         opt = privacy.dp_optimizer(training.make_optimizer(trainable, run.train), ledger, 1.0, batch_size, generator)
         timers[name] = [0.0, 0.0, 0.0]
         sides[name] = (_wrap(private, hooks, timers[name]), opt)
-        opt.pre_step = _timed_into(opt.pre_step, timers[name], 2)  # clipping, noise
+        opt.pre_step = timed_into(opt.pre_step, timers[name], 2)  # clipping, noise
     for m, o in sides.values():
         training.train(m, enc, [idx], o, 1)  # warm-up
     ops = {k: _ops(sides[k][0], enc, idx, sides[k][1]) for k in ("plain", "dp, no noise")}

@@ -75,6 +75,19 @@ def _copy_into(model: torch.nn.Module, opt: torch.optim.Optimizer, state: list[t
     opt.load_state_dict(copy.deepcopy(opt_state))
 
 
+def timed_into(fn, timer: list[float], slot: int):
+    """``fn``, adding the seconds each call takes to ``timer[slot]``."""
+
+    def run(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            timer[slot] += time.perf_counter() - start
+
+    return run
+
+
 def time_dp_work(gsm: torch.nn.Module, opt: torch.optim.Optimizer) -> list[float]:
     """From now on, add the seconds ``gsm``'s per-sample hooks (forward and backward) and
     ``opt``'s clipping and noise take to the returned one-element list: the DP step's own
@@ -82,20 +95,9 @@ def time_dp_work(gsm: torch.nn.Module, opt: torch.optim.Optimizer) -> list[float
     misses: any slowdown DP causes in the rest of the step). For ``privacy.wrap_model``'s
     output-tensor hooks, which look their hook methods up on the instance at each call."""
     spent = [0.0]
-
-    def timed(fn):
-        def run(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                spent[0] += time.perf_counter() - start
-
-        return run
-
     for name in ("capture_activations_hook", "capture_backprops_hook"):
-        setattr(gsm, name, timed(getattr(gsm, name)))
-    opt.pre_step = timed(opt.pre_step)
+        setattr(gsm, name, timed_into(getattr(gsm, name), spent, 0))
+    opt.pre_step = timed_into(opt.pre_step, spent, 0)
     return spent
 
 
@@ -147,6 +149,7 @@ def dp_step_ratio(dp_steps: int, train_lora_a: bool, batch_size: int, flush: boo
         # The DP work timed inside the steps (hooks, clipping, noise): mean per DP step, and
         # its share of the median non-DP step.
         "dp_work_s": dp_work[0] / len(dp_times),
+        "dp_mean_s": statistics.fmean(dp_times),
         "dp_work_share": dp_work[0] / len(dp_times) / statistics.median(plain_times),
     }
 
